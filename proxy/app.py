@@ -1,0 +1,203 @@
+"""Builds the aiohttp Application from a Config and wires the parts together.
+
+One process = one store, one equivalence database connection, one resolver cache, one hashserv
+service; ``proxy.cli`` runs N such processes on one port.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import uuid
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+
+from proxy.auth import Auth
+from proxy.config import Config
+from proxy.equiv_api import EquivalenceAPI
+from proxy.hashserv.service import HashservService
+from proxy.metrics import Metrics
+from proxy.mirror import Mirror
+from proxy.reports import Reporter
+from proxy.resolver import Resolver
+from storage import open_store
+from storage.equivalence import open_equivalence_db
+
+log = logging.getLogger("sstate_proxy")
+access_log = logging.getLogger("sstate_proxy.access")
+
+CONFIG = web.AppKey("config", Config)
+METRICS = web.AppKey("metrics", Metrics)
+PARTS = web.AppKey("parts", dict)
+RID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+class AccessLogger(AbstractAccessLogger):
+    """One line per request: method, path, status, bytes, source, milliseconds, request id."""
+
+    json_format = False
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        fields = (
+            request.method, request.path_qs, response.status, response.body_length,
+            request.get("source", "-"), round(time * 1000.0, 2), request.get("rid", "-"),
+        )
+        if self.json_format:
+            keys = ("method", "path", "status", "bytes", "source", "ms", "rid")
+            self.logger.info(json.dumps(dict(zip(keys, fields, strict=True))))
+        else:
+            self.logger.info("%s %s %s %s %s %.2fms rid=%s", *fields)
+
+    @property
+    def enabled(self) -> bool:
+        return self.logger.isEnabledFor(logging.INFO)
+
+
+class JsonAccessLogger(AccessLogger):
+    json_format = True
+
+
+@web.middleware
+async def request_id_middleware(request: web.Request, handler):
+    rid = request.headers.get("X-Request-Id", "")
+    if not RID_RE.fullmatch(rid):
+        rid = uuid.uuid4().hex[:16]
+    request["rid"] = rid
+    try:
+        return await handler(request)
+    except web.HTTPException:
+        raise
+    except Exception:
+        log.exception("internal error rid=%s %s %s", rid, request.method, request.path)
+        return web.Response(status=500, text=f"internal error, request id {rid}\n")
+
+
+async def _add_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    rid = request.get("rid")
+    if rid:
+        response.headers["X-Request-Id"] = rid
+
+
+async def _startup(app: web.Application) -> None:
+    cfg = app[CONFIG]
+    parts = app[PARTS]
+    store = open_store(cfg)
+    await store.start()
+    db = open_equivalence_db(cfg.database.url, read_only=False)
+    auth = Auth(db, cfg.hashserv.anon_perms)
+    resolver = Resolver(db, store, cfg.equivalence)
+    reporter = Reporter(db, auth, read_only=cfg.hashserv.read_only, on_change=resolver.invalidate)
+    hashserv = HashservService(db, auth, cfg, on_change=resolver.invalidate)
+    if not parts.get("skip_listeners"):
+        await hashserv.start()
+    parts.update(store=store, db=db, auth=auth, resolver=resolver, reporter=reporter, hashserv=hashserv)
+    parts["mirror"] = Mirror(store, resolver, auth, app[METRICS], cfg.server.mirror_prefix)
+    parts["equiv"] = EquivalenceAPI(reporter, auth, app[METRICS], cfg.limits.max_request_body_bytes)
+
+
+async def _cleanup(app: web.Application) -> None:
+    parts = app[PARTS]
+    for name in ("hashserv", "store", "db"):
+        part = parts.get(name)
+        if part is not None:
+            try:
+                await (part.stop() if name == "hashserv" else part.close())
+            except Exception:
+                log.exception("error while closing %s", name)
+
+
+def build_app(cfg: Config, *, skip_listeners: bool = False) -> web.Application:
+    """The whole service as one Application. ``skip_listeners``: no raw hashserv listeners (tests
+    that only need HTTP, or workers that inherit them)."""
+    app = web.Application(
+        middlewares=[request_id_middleware],
+        client_max_size=cfg.limits.max_request_body_bytes,
+    )
+    app[CONFIG] = cfg
+    app[METRICS] = Metrics()
+    app[PARTS] = {"skip_listeners": skip_listeners}
+    app.on_startup.append(_startup)
+    app.on_response_prepare.append(_add_request_id)
+    app.on_cleanup.append(_cleanup)
+
+    def part(name):
+        return app[PARTS][name]
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def readyz(request: web.Request) -> web.Response:
+        problems = []
+        try:
+            await part("db").generation()
+        except Exception as e:  # the point is to report any fault as not-ready
+            problems.append(f"database: {e}")
+        try:
+            await part("store").stat(".readyz-probe")
+        except Exception as e:
+            problems.append(f"storage: {e}")
+        if problems:
+            return web.Response(status=503, text="\n".join(problems) + "\n")
+        return web.Response(text="ready\n")
+
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(body=app[METRICS].render(), headers={"Content-Type": Metrics.content_type})
+
+    async def websocket(request: web.Request) -> web.StreamResponse:
+        if not cfg.hashserv.websocket:
+            raise web.HTTPNotFound(text="websocket hashserv disabled\n")
+        return await part("hashserv").handle_websocket(request)
+
+    async def objects(request: web.Request) -> web.StreamResponse:
+        if request.method == "GET" and request.headers.get("Upgrade", "").lower() == "websocket":
+            return await websocket(request)
+        mirror = part("mirror")
+        if request.method in ("GET", "HEAD"):
+            return await mirror.get_or_head(request)
+        if request.method == "PUT":
+            return await mirror.put(request)
+        if request.method == "DELETE":
+            return await mirror.delete(request)
+        raise web.HTTPMethodNotAllowed(request.method, ["GET", "HEAD", "PUT", "DELETE"])
+
+    async def equiv_get(request: web.Request) -> web.Response:
+        return await part("equiv").get(request)
+
+    async def equiv_post(request: web.Request) -> web.Response:
+        return await part("equiv").post(request)
+
+    r = app.router
+    r.add_get("/healthz", healthz)
+    r.add_get("/readyz", readyz)
+    r.add_get("/metrics", metrics)
+    r.add_get("/v1/equivalent", equiv_get)
+    r.add_post("/v1/equivalent", equiv_post)
+    r.add_get("/ws", websocket)
+    r.add_route("*", cfg.server.mirror_prefix + "{tail:.*}", objects)
+    return app
+
+
+def access_logger_class(cfg: Config) -> type[AbstractAccessLogger]:
+    return JsonAccessLogger if cfg.server.log_format == "json" else AccessLogger
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
+               "pid": record.process, "msg": record.getMessage()}
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def setup_logging(cfg: Config) -> None:
+    handler = logging.StreamHandler()
+    if cfg.server.log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s"))
+    logging.basicConfig(level=getattr(logging, cfg.server.log_level.upper()), handlers=[handler], force=True)
+    # The access log has its own switch: quiet logs (log_level WARNING) still log requests.
+    access_log.setLevel(logging.INFO if cfg.server.access_log else logging.WARNING)

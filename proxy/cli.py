@@ -1,0 +1,336 @@
+"""`sstate-proxy` command line: serve, user, stats (and the operations added beside them).
+
+Exit codes: 0 ok, 1 runtime failure, 2 bad usage or bad configuration (one line on stderr that
+names the key and what is wrong).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import replace
+
+from aiohttp import web
+
+from proxy import config as config_mod
+from proxy.config import Config, ConfigError
+
+log = logging.getLogger("sstate_proxy")
+
+
+# --- argument parsing ------------------------------------------------------------------------
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="TOML config file (default: $SSTATE_PROXY_CONFIG)")
+    p.add_argument("--storage", metavar="PATH|s3://BUCKET/PREFIX", help="object store")
+    p.add_argument("--database", metavar="URL", help="sqlite:///path or postgresql://...")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sstate-proxy",
+        description="sstate mirror with hash-equivalence rewrite and a bitbake-hashserv drop-in",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the service")
+    _add_config_args(s)
+    s.add_argument("--bind", metavar="HOST:PORT", help="HTTP listen address (default 127.0.0.1:8080)")
+    s.add_argument("--workers", type=int, metavar="N", help="processes sharing the port")
+    s.add_argument("--hashserv-bind", metavar="HOST:PORT|unix:///PATH", help="raw hashserv listener")
+    s.add_argument("--anon-perms", metavar="PERMS", help="anonymous permissions, comma or space separated")
+    s.add_argument("--read-only", action="store_true", default=None, help="refuse every write")
+    s.add_argument("--upstream-hashserv", metavar="ADDR", help="upstream hashserv for misses")
+    s.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING or ERROR")
+
+    u = sub.add_parser("user", help="manage users and tokens")
+    _add_config_args(u)
+    usub = u.add_subparsers(dest="user_command", required=True)
+    ua = usub.add_parser("add", help="create a user and print its token")
+    ua.add_argument("username")
+    ua.add_argument("--perms", default="@read", help="permissions, comma or space separated")
+    usub.add_parser("list", help="list users and permissions")
+    ud = usub.add_parser("delete", help="delete a user")
+    ud.add_argument("username")
+    ut = usub.add_parser("token", help="issue a new token for a user (the old one stops working)")
+    ut.add_argument("username")
+    up = usub.add_parser("perms", help="set a user's permissions")
+    up.add_argument("username")
+    up.add_argument("perms")
+
+    st = sub.add_parser("stats", help="print database and store statistics as JSON")
+    _add_config_args(st)
+
+    from proxy import operations  # the import/gc commands live beside their code
+
+    operations.add_parsers(sub, _add_config_args)
+    return parser
+
+
+def split_perms(value: str) -> list[str]:
+    return [p for p in (value.split(",") if "," in value else value.split()) if p]
+
+
+def load_config(args: argparse.Namespace) -> Config:
+    overrides: dict = {}
+    if getattr(args, "storage", None):
+        overrides.update(config_mod.storage_override(args.storage))
+    if getattr(args, "database", None):
+        overrides["database.url"] = args.database
+    if getattr(args, "bind", None):
+        overrides["server.bind"] = args.bind
+    if getattr(args, "workers", None) is not None:
+        overrides["server.workers"] = args.workers
+    if getattr(args, "hashserv_bind", None) is not None:
+        overrides["hashserv.bind"] = args.hashserv_bind
+    if getattr(args, "anon_perms", None) is not None:
+        overrides["hashserv.anon_perms"] = split_perms(args.anon_perms)
+    if getattr(args, "read_only", None):
+        overrides["hashserv.read_only"] = True
+    if getattr(args, "upstream_hashserv", None):
+        overrides["hashserv.upstream"] = args.upstream_hashserv
+    if getattr(args, "log_level", None):
+        overrides["server.log_level"] = args.log_level
+    return config_mod.load(args.config, overrides)
+
+
+# --- serve -----------------------------------------------------------------------------------
+
+
+async def prepare(cfg: Config) -> None:
+    """One-time start-up work done once, before workers fork: schema, admin user, temp litter."""
+    from proxy.auth import Auth
+    from storage import open_store
+    from storage.equivalence import open_equivalence_db
+
+    db = open_equivalence_db(cfg.database.url)
+    try:
+        if cfg.auth.admin_user:
+            await Auth(db, cfg.hashserv.anon_perms).ensure_admin(cfg.auth.admin_user, cfg.auth.admin_token)
+            log.info("admin user %r has @all", cfg.auth.admin_user)
+    finally:
+        await db.close()
+    store = open_store(cfg)
+    cleanup = getattr(store, "cleanup_temp", None)
+    if cleanup is not None:
+        removed = await cleanup()
+        if removed:
+            log.info("removed %s temporary file(s) left by an interrupted upload", removed)
+    await store.close()
+
+
+def reserve_port(host: str, port: int) -> socket.socket:
+    """Bind (not listen) a SO_REUSEPORT socket: resolves port 0 and keeps the port ours while the
+    workers bind their own listening sockets to it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    return sock
+
+
+async def run_worker(cfg: Config, worker: int) -> None:
+    from proxy.app import access_logger_class, build_app
+
+    app = build_app(cfg)
+    runner = web.AppRunner(
+        app, access_log_class=access_logger_class(cfg), handle_signals=False,
+        access_log=logging.getLogger("sstate_proxy.access"),
+        shutdown_timeout=10.0,
+    )
+    await runner.setup()
+    host, port = config_mod.split_bind("server.bind", cfg.server.bind)
+    ssl_ctx = None
+    if cfg.server.tls_cert:
+        import ssl
+
+        ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ssl_ctx.load_cert_chain(cfg.server.tls_cert, cfg.server.tls_key)
+    site = web.TCPSite(runner, host, port, reuse_port=True, ssl_context=ssl_ctx, backlog=1024)
+    await site.start()
+    scheme = "https" if ssl_ctx else "http"
+    log.info("worker %d serving %s://%s:%d (storage %s, database %s)", worker, scheme, host, port,
+             cfg.storage.backend, cfg.database.url.split("@")[-1])
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("worker %d stopping", worker)
+    await runner.cleanup()
+
+
+def serve(cfg: Config) -> int:
+    from proxy.app import setup_logging
+
+    setup_logging(cfg)
+    asyncio.run(prepare(cfg))
+    host, port = config_mod.split_bind("server.bind", cfg.server.bind)
+    reserved = reserve_port(host, port)
+    cfg = replace(cfg, server=replace(cfg.server, bind=f"[{host}]:{reserved.getsockname()[1]}"
+                                      if ":" in host else f"{host}:{reserved.getsockname()[1]}"))
+    if cfg.server.workers == 1:
+        try:
+            asyncio.run(run_worker(cfg, 0))
+        finally:
+            reserved.close()
+        return 0
+    return supervise(cfg, reserved)
+
+
+def supervise(cfg: Config, reserved: socket.socket) -> int:
+    """Fork ``workers`` processes that share the port; restart one that dies; on SIGTERM/SIGINT
+    stop them all and wait for them."""
+    children: dict[int, int] = {}
+    stopping = False
+
+    def spawn(worker: int) -> None:
+        pid = os.fork()
+        if pid == 0:
+            reserved.close()
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            code = 0
+            try:
+                asyncio.run(run_worker(cfg, worker))
+            except BaseException:
+                log.exception("worker %d failed", worker)
+                code = 1
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        children[pid] = worker
+
+    def on_stop(signum, frame) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in list(children):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    for w in range(cfg.server.workers):
+        spawn(w)
+    log.info("supervising %d workers", cfg.server.workers)
+    restarts: list[float] = []
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+        worker = children.pop(pid, None)
+        if worker is None or stopping:
+            continue
+        log.error("worker %d (pid %d) exited with status %d; restarting", worker, pid, status)
+        now = time.monotonic()
+        restarts = [t for t in restarts if now - t < 60] + [now]
+        if len(restarts) > 10 * cfg.server.workers:
+            log.critical("workers keep dying; giving up")
+            on_stop(None, None)
+            continue
+        time.sleep(0.5)
+        spawn(worker)
+    reserved.close()
+    return 0
+
+
+# --- users and stats ---------------------------------------------------------------------------
+
+
+async def user_command(cfg: Config, args: argparse.Namespace) -> int:
+    from proxy.auth import Auth, parse_permissions
+    from storage.equivalence import open_equivalence_db
+
+    db = open_equivalence_db(cfg.database.url)
+    auth = Auth(db, cfg.hashserv.anon_perms)
+
+    def missing(username: str) -> int:
+        print(f"sstate-proxy: no user named {username!r}", file=sys.stderr)
+        return 1
+
+    try:
+        cmd = args.user_command
+        if cmd == "list":
+            for user in await db.get_all_users():
+                print(f"{user.username}\t{' '.join(user.permissions)}")
+            return 0
+        if cmd == "add":
+            token = await auth.new_user(args.username, parse_permissions(split_perms(args.perms)))
+            if token is None:
+                print(f"sstate-proxy: user {args.username!r} exists already", file=sys.stderr)
+                return 1
+            print(token)
+            return 0
+        if cmd == "token":
+            token = await auth.refresh_token(args.username)
+            if token is None:
+                return missing(args.username)
+            print(token)
+            return 0
+        if cmd == "perms":
+            ok = await auth.set_perms(args.username, parse_permissions(split_perms(args.perms)))
+            return 0 if ok else missing(args.username)
+        if cmd == "delete":
+            return 0 if await auth.delete_user(args.username) else missing(args.username)
+    finally:
+        await db.close()
+    return 2
+
+
+async def stats_command(cfg: Config) -> int:
+    import json
+
+    from storage.equivalence import open_equivalence_db
+
+    db = open_equivalence_db(cfg.database.url, read_only=True)
+    try:
+        out = {"database": await db.get_usage()}
+        dedup = getattr(db, "dedup_stats", None)
+        if dedup is not None:
+            out["dedup"] = await dedup()
+    finally:
+        await db.close()
+    print(json.dumps(out, indent=2, sort_keys=True))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args)
+    except ConfigError as e:
+        print(f"sstate-proxy: bad configuration: {e}", file=sys.stderr)
+        return 2
+    try:
+        if args.command == "serve":
+            return serve(cfg)
+        if args.command == "user":
+            return asyncio.run(user_command(cfg, args))
+        if args.command == "stats":
+            return asyncio.run(stats_command(cfg))
+        from proxy import operations
+
+        return operations.run(args.command, cfg, args)
+    except ValueError as e:  # e.g. unknown permission names given on the command line
+        print(f"sstate-proxy: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

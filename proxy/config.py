@@ -1,0 +1,281 @@
+"""Configuration: TOML file + environment + command-line flags -> frozen dataclasses.
+
+Every key is validated here, once, so the rest of the code can trust its config. A bad value
+raises ConfigError naming the key (`storage.s3.bucket: must be a non-empty string`); the CLI
+prints that one line and exits 2.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+PERMISSIONS = ("@none", "@read", "@report", "@db-admin", "@user-admin", "@upload", "@all")
+
+
+class ConfigError(Exception):
+    """A configuration value is wrong; str() is one line naming the key."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    bind: str = "127.0.0.1:8080"
+    workers: int = 1
+    mirror_prefix: str = "/"
+    log_format: str = "text"  # text | json
+    log_level: str = "INFO"
+    access_log: bool = True
+    tls_cert: str = ""
+    tls_key: str = ""
+
+
+@dataclass(frozen=True)
+class S3Config:
+    bucket: str = ""
+    prefix: str = ""
+    region: str = ""
+    endpoint_url: str = ""
+    redirect_get: bool = False
+    presign_ttl_s: int = 300
+    max_connections: int = 32
+    timeout_s: float = 10.0
+    index: bool = True
+    index_refresh_s: int = 300
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    backend: str = "local"  # local | s3
+    path: str = "./sstate-cache"
+    s3: S3Config = field(default_factory=S3Config)
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    url: str = "sqlite:///./sstate-proxy.db"
+
+
+@dataclass(frozen=True)
+class EquivalenceConfig:
+    methods: tuple[str, ...] = ()  # () = any method
+    class_limit: int = 16
+    negative_ttl_s: float = 1.0
+    cache_entries: int = 200_000
+
+
+@dataclass(frozen=True)
+class HashservConfig:
+    bind: str = ""  # "" | host:port | [v6]:port | unix:///path
+    websocket: bool = True
+    anon_perms: tuple[str, ...] = ("@read",)
+    read_only: bool = False
+    upstream: str = ""
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    admin_user: str = ""
+    admin_token: str = ""
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    mirrors: tuple[str, ...] = ()
+    cache_max_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_upload_bytes: int = 4 * 1024**3
+    max_request_body_bytes: int = 1024 * 1024  # JSON bodies (/v1/equivalent)
+    max_message_bytes: int = 1024 * 1024  # hashserv messages
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    equivalence: EquivalenceConfig = field(default_factory=EquivalenceConfig)
+    hashserv: HashservConfig = field(default_factory=HashservConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+
+
+# --- validation helpers -------------------------------------------------------------------
+
+
+def _check_type(key: str, value: Any, default: Any) -> Any:
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: must be true or false, not {value!r}")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: must be an integer, not {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: must be a number, not {value!r}")
+        return float(value)
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: must be a string, not {value!r}")
+        return value
+    if isinstance(default, tuple):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{key}: must be a list of strings, not {value!r}")
+        return tuple(value)
+    raise AssertionError(key)
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.')}: must be a table")
+    defaults = cls()
+    known = {f.name: f for f in fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in known:
+            raise ConfigError(f"{prefix}{key}: unknown key")
+        default = getattr(defaults, key)
+        if hasattr(default, "__dataclass_fields__"):
+            kwargs[key] = _build(type(default), value, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _check_type(f"{prefix}{key}", value, default)
+    return cls(**kwargs)
+
+
+def parse_perms(key: str, perms: tuple[str, ...]) -> tuple[str, ...]:
+    bad = [p for p in perms if p not in PERMISSIONS]
+    if bad:
+        raise ConfigError(f"{key}: unknown permission(s) {', '.join(bad)} (known: {' '.join(PERMISSIONS)})")
+    return tuple(sorted(set(p for p in perms if p != "@none")))
+
+
+def validate(cfg: Config) -> Config:
+    """Checks that cross keys or need more than a type; returns the normalised config."""
+    s = cfg.server
+    if s.workers < 1 or s.workers > 256:
+        raise ConfigError(f"server.workers: must be between 1 and 256, not {s.workers}")
+    if s.log_format not in ("text", "json"):
+        raise ConfigError(f"server.log_format: must be 'text' or 'json', not {s.log_format!r}")
+    if s.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"server.log_level: must be DEBUG, INFO, WARNING or ERROR, not {s.log_level!r}")
+    split_bind("server.bind", s.bind)
+    if not s.mirror_prefix.startswith("/") or not s.mirror_prefix.endswith("/"):
+        raise ConfigError(f"server.mirror_prefix: must start and end with '/', not {s.mirror_prefix!r}")
+    if bool(s.tls_cert) != bool(s.tls_key):
+        raise ConfigError("server.tls_cert: tls_cert and tls_key must be given together")
+    st = cfg.storage
+    if st.backend not in ("local", "s3"):
+        raise ConfigError(f"storage.backend: must be 'local' or 's3', not {st.backend!r}")
+    if st.backend == "local" and not st.path:
+        raise ConfigError("storage.path: must name a directory")
+    if st.backend == "s3":
+        if not st.s3.bucket:
+            raise ConfigError("storage.s3.bucket: must be set when storage.backend is 's3'")
+        if st.s3.max_connections < 1:
+            raise ConfigError("storage.s3.max_connections: must be at least 1")
+        if st.s3.timeout_s <= 0:
+            raise ConfigError("storage.s3.timeout_s: must be positive")
+    if not cfg.database.url.startswith(("sqlite:///", "postgresql://", "postgres://")):
+        raise ConfigError(
+            f"database.url: must be sqlite:///path or postgresql://..., not {cfg.database.url!r}"
+        )
+    if cfg.equivalence.class_limit < 0:
+        raise ConfigError("equivalence.class_limit: must be >= 0")
+    if cfg.equivalence.negative_ttl_s < 0 or cfg.equivalence.negative_ttl_s > 5:
+        raise ConfigError("equivalence.negative_ttl_s: must be between 0 and 5 seconds")
+    h = cfg.hashserv
+    anon = parse_perms("hashserv.anon_perms", h.anon_perms)
+    if "@all" in anon or "@user-admin" in anon:
+        raise ConfigError("hashserv.anon_perms: anonymous users cannot have @all or @user-admin")
+    if h.bind:
+        hashserv_bind_kind("hashserv.bind", h.bind)
+    if h.read_only and h.upstream:
+        raise ConfigError("hashserv.upstream: an upstream cannot be used with read_only")
+    if bool(cfg.auth.admin_user) != bool(cfg.auth.admin_token):
+        raise ConfigError("auth.admin_token: admin_user and admin_token must be given together")
+    lim = cfg.limits
+    for name in ("max_upload_bytes", "max_request_body_bytes", "max_message_bytes"):
+        if getattr(lim, name) < 1:
+            raise ConfigError(f"limits.{name}: must be positive")
+    if cfg.upstream.mirrors:
+        raise ConfigError("upstream.mirrors: pull-through mirrors are not implemented yet; leave it empty")
+    return replace(cfg, hashserv=replace(h, anon_perms=anon))
+
+
+def split_bind(key: str, bind: str) -> tuple[str, int]:
+    """`host:port` or `[v6]:port` -> (host, port)."""
+    host, sep, port = bind.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{key}: must be host:port, not {bind!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host or "0.0.0.0", int(port)
+
+
+def hashserv_bind_kind(key: str, bind: str) -> str:
+    """'unix' or 'tcp'; raises for anything bitbake could not connect to."""
+    if bind.startswith("unix://"):
+        if len(bind) <= len("unix://"):
+            raise ConfigError(f"{key}: unix:// needs a path")
+        return "unix"
+    if "://" in bind:
+        raise ConfigError(f"{key}: must be host:port or unix:///path, not {bind!r}")
+    split_bind(key, bind)
+    return "tcp"
+
+
+# --- loading -------------------------------------------------------------------------------
+
+# Environment variables that map onto keys (besides SSTATE_PROXY_CONFIG itself).
+ENV_KEYS = {
+    "SSTATE_PROXY_ADMIN_USER": ("auth", "admin_user"),
+    "SSTATE_PROXY_ADMIN_TOKEN": ("auth", "admin_token"),
+}
+
+
+def load(path: str | None = None, overrides: dict[str, Any] | None = None,
+         environ: dict[str, str] | None = None) -> Config:
+    """Read the TOML file (``path`` or $SSTATE_PROXY_CONFIG, else built-in defaults), apply the
+    environment, then ``overrides`` (dotted keys from command-line flags), then validate."""
+    environ = os.environ if environ is None else environ
+    path = path or environ.get("SSTATE_PROXY_CONFIG") or None
+    data: dict[str, Any] = {}
+    if path:
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config: file {path!r} not found") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config: {path}: not valid TOML: {e}") from None
+        except OSError as e:
+            raise ConfigError(f"config: cannot read {path!r}: {e.strerror}") from None
+    for env, (section, key) in ENV_KEYS.items():
+        if environ.get(env):
+            data.setdefault(section, {})[key] = environ[env]
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{p}: must be a table")
+        node[leaf] = value
+    return validate(_build(Config, data, ""))
+
+
+def storage_override(value: str) -> dict[str, Any]:
+    """`--storage PATH` or `--storage s3://bucket/prefix` -> dotted overrides."""
+    if value.startswith("s3://"):
+        bucket, _, prefix = value[5:].partition("/")
+        return {"storage.backend": "s3", "storage.s3.bucket": bucket, "storage.s3.prefix": prefix}
+    return {"storage.backend": "local", "storage.path": value}

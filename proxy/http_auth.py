@@ -1,0 +1,60 @@
+"""HTTP credentials -> Identity, and the one permission gate every HTTP handler goes through.
+
+bitbake's HEAD check sends netrc/URL credentials pre-emptively; wget only after a 401 with
+``WWW-Authenticate``. So a request that lacks a permission gets 401 + challenge when it came
+anonymously (the client may retry with credentials) and 403 when it was already authenticated.
+Wrong credentials are always 401, never a silent downgrade to anonymous.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+
+from aiohttp import web
+
+from proxy.auth import Auth, Identity
+
+CHALLENGE = {"WWW-Authenticate": 'Basic realm="sstate-proxy"'}
+IDENTITY_KEY = "identity"
+
+
+def _unauthorized(reason: str) -> web.HTTPUnauthorized:
+    return web.HTTPUnauthorized(text=reason + "\n", headers=CHALLENGE)
+
+
+async def identify(request: web.Request, auth: Auth) -> Identity:
+    """The caller's identity (cached on the request); raises 401 for malformed or wrong credentials."""
+    cached = request.get(IDENTITY_KEY)
+    if cached is not None:
+        return cached
+    header = request.headers.get("Authorization")
+    if not header:
+        ident = auth.anonymous()
+    else:
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() != "basic" or not value:
+            raise _unauthorized("unsupported Authorization scheme (use Basic user:token)")
+        try:
+            decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            raise _unauthorized("malformed Basic credentials") from None
+        username, sep, token = decoded.partition(":")
+        if not sep or not username:
+            raise _unauthorized("malformed Basic credentials")
+        found = await auth.authenticate(username, token)
+        if found is None:
+            raise _unauthorized("wrong credentials")
+        ident = found
+    request[IDENTITY_KEY] = ident
+    return ident
+
+
+async def require(request: web.Request, auth: Auth, *perms: str) -> Identity:
+    """Identity of the caller if it holds ``perms``; else 401 (anonymous) or 403 (logged in)."""
+    ident = await identify(request, auth)
+    if auth.allowed(ident, perms):
+        return ident
+    if ident.username is None:
+        raise _unauthorized(f"authentication required for {' '.join(perms)}")
+    raise web.HTTPForbidden(text=f"{ident.username} lacks {' '.join(perms)}\n")

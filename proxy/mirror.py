@@ -1,0 +1,263 @@
+"""The sstate mirror face: GET/HEAD (and PUT/DELETE) of objects under the mirror prefix.
+
+bitbake checks existence with HEAD (two per miss) and downloads with wget GET (with
+``Range: bytes=N-`` on resume), so: every miss is a 404 (403/405 would double the requests),
+HEAD and GET go through the same resolution, and HEAD answers from metadata alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from email.utils import formatdate, parsedate_to_datetime
+
+from aiohttp import web
+
+from proxy import names
+from proxy.http_auth import require
+from proxy.metrics import Metrics
+from proxy.resolver import Resolution, Resolver
+from storage import ByteStream, LocalFile, Meta, ObjectStore, RedirectURL, StoreUnavailable
+
+log = logging.getLogger("sstate_proxy.mirror")
+
+SOURCE_HEADER = "X-Sstate-Source"
+SERVED_HASH_HEADER = "X-Sstate-Served-Hash"
+RETRY_AFTER_S = "5"
+
+
+class RangeNotSatisfiable(Exception):
+    pass
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """`Range: bytes=a-b | a- | -n` -> (start, length); None means the whole object.
+
+    Multiple ranges are answered with the whole object (allowed by RFC 9110 and what wget and
+    bitbake never ask for anyway); unparseable headers are ignored, as the RFC says.
+    """
+    if not header:
+        return None
+    unit, _, spec = header.partition("=")
+    if unit.strip().lower() != "bytes" or "," in spec:
+        return None
+    first, dash, last = spec.strip().partition("-")
+    if not dash or not (first.isdigit() or first == "") or not (last.isdigit() or last == ""):
+        return None
+    try:
+        if first == "":
+            n = int(last)
+            if n <= 0 or size == 0:
+                raise RangeNotSatisfiable
+            start = max(0, size - n)
+            end = size - 1
+        else:
+            start = int(first)
+            end = int(last) if last else None
+            if start < 0 or (end is not None and end < start):
+                return None
+            if start >= size:
+                raise RangeNotSatisfiable
+            end = size - 1 if end is None else min(end, size - 1)
+    except ValueError:
+        return None
+    return start, end - start + 1
+
+
+def _http_date(ts: float) -> str:
+    return formatdate(ts, usegmt=True)
+
+
+def _parse_http_date(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+
+
+def _etag_matches(header: str, etag: str, weak: bool) -> bool:
+    if header.strip() == "*":
+        return True
+    for item in header.split(","):
+        item = item.strip()
+        if item.startswith("W/"):
+            if not weak:
+                continue
+            item = item[2:]
+        if item == etag:
+            return True
+    return False
+
+
+class Mirror:
+    def __init__(self, store: ObjectStore, resolver: Resolver, auth, metrics: Metrics, prefix: str) -> None:
+        self.store = store
+        self.resolver = resolver
+        self.auth = auth
+        self.metrics = metrics
+        self.prefix = prefix
+
+    def key_of(self, request: web.Request) -> tuple[str, names.SstateName | None]:
+        raw = request.raw_path.split("?", 1)[0]
+        if not raw.startswith(self.prefix):
+            raise web.HTTPNotFound(text="not under the mirror prefix\n")
+        try:
+            key = names.safe_key(raw[len(self.prefix):])
+        except names.BadPath as e:
+            raise web.HTTPBadRequest(text=f"bad path: {e}\n") from None
+        return key, names.parse(key)
+
+    async def get_or_head(self, request: web.Request) -> web.StreamResponse:
+        await require(request, self.auth, "@read")
+        key, name = self.key_of(request)
+        try:
+            res = await self.resolver.resolve(key, name)
+        except StoreUnavailable as e:
+            log.warning("store unavailable for %s: %s", key, e)
+            raise web.HTTPServiceUnavailable(
+                text="storage unavailable, retry later\n", headers={"Retry-After": RETRY_AFTER_S}
+            ) from None
+        method = request.method
+        if res is None:
+            self.metrics.object_request(method, "miss")
+            request["source"] = "miss"
+            raise web.HTTPNotFound(text="no such object\n")
+        self.metrics.object_request(method, res.source)
+        request["source"] = res.source
+        headers = {SOURCE_HEADER: res.source}
+        if res.source == "equivalent":
+            headers[SERVED_HASH_HEADER] = res.served_hash
+        if method == "HEAD":
+            return await self._head(request, res.meta, headers)
+        return await self._get(request, res, headers)
+
+    # -- responses -------------------------------------------------------------------------
+
+    def _preconditions(self, request: web.Request, meta: Meta, headers: dict) -> web.Response | None:
+        """304/412 per RFC 9110 section 13, or None to go on."""
+        etag = f'"{meta.etag}"'
+        h = request.headers
+        if (im := h.get("If-Match")) is not None and not _etag_matches(im, etag, weak=False):
+            return web.Response(status=412, headers=headers)
+        if im is None and (ius := _parse_http_date(h.get("If-Unmodified-Since"))) is not None:
+            if int(meta.mtime) > ius:
+                return web.Response(status=412, headers=headers)
+        inm = h.get("If-None-Match")
+        if inm is not None:
+            if _etag_matches(inm, etag, weak=True):
+                return web.Response(status=304, headers=headers)
+        elif (ims := _parse_http_date(h.get("If-Modified-Since"))) is not None:
+            if int(meta.mtime) <= ims:
+                return web.Response(status=304, headers=headers)
+        return None
+
+    def _plan(self, request: web.Request, meta: Meta, headers: dict) -> tuple[int, int, int] | web.Response:
+        """(status, start, length) for the body, or a finished response (304/412/416)."""
+        headers["ETag"] = f'"{meta.etag}"'
+        headers["Last-Modified"] = _http_date(meta.mtime)
+        headers["Accept-Ranges"] = "bytes"
+        early = self._preconditions(request, meta, headers)
+        if early is not None:
+            return early
+        rng_header = request.headers.get("Range")
+        if rng_header and (if_range := request.headers.get("If-Range")):
+            if if_range.startswith(('"', "W/")):
+                if if_range != headers["ETag"]:
+                    rng_header = None
+            else:
+                ts = _parse_http_date(if_range)
+                if ts is None or int(meta.mtime) > ts:
+                    rng_header = None
+        try:
+            rng = parse_range(rng_header, meta.size)
+        except RangeNotSatisfiable:
+            headers["Content-Range"] = f"bytes */{meta.size}"
+            return web.Response(status=416, headers=headers)
+        if rng is None:
+            return 200, 0, meta.size
+        start, length = rng
+        headers["Content-Range"] = f"bytes {start}-{start + length - 1}/{meta.size}"
+        return 206, start, length
+
+    async def _head(self, request: web.Request, meta: Meta, headers: dict) -> web.StreamResponse:
+        plan = self._plan(request, meta, headers)
+        if isinstance(plan, web.Response):
+            return plan
+        status, _start, length = plan
+        resp = self._response(status, length, headers)
+        await resp.prepare(request)  # aiohttp sends no body for HEAD
+        await resp.write_eof()
+        return resp
+
+    async def _get(self, request: web.Request, res: Resolution, headers: dict) -> web.StreamResponse:
+        plan = self._plan(request, res.meta, headers)
+        if isinstance(plan, web.Response):
+            return plan
+        status, start, length = plan
+        body = await self.store.open(
+            res.key, start, length, allow_redirect=request.headers.get("Authorization") is None
+        )
+        if body is None:  # vanished between stat and open
+            self.resolver.invalidate()
+            raise web.HTTPNotFound(text="no such object\n")
+        if isinstance(body, RedirectURL):
+            return web.Response(status=307, headers={**headers, "Location": body.url})
+        if isinstance(body, LocalFile):
+            return await self._sendfile(request, body.path, status, start, length, headers)
+        assert isinstance(body, ByteStream)
+        resp = self._response(status, length, headers)
+        await resp.prepare(request)
+        sent = 0
+        try:
+            async for chunk in body.chunks:
+                await resp.write(chunk)
+                sent += len(chunk)
+        finally:
+            aclose = getattr(body.chunks, "aclose", None)
+            if aclose is not None:
+                await aclose()
+            self.metrics.sent(sent)
+        await resp.write_eof()
+        return resp
+
+    @staticmethod
+    def _response(status: int, length: int, headers: dict) -> web.StreamResponse:
+        resp = web.StreamResponse(status=status, headers=headers)
+        resp.content_type = "application/octet-stream"
+        resp.content_length = length
+        return resp
+
+    async def _sendfile(
+        self, request: web.Request, path: str, status: int, start: int, length: int, headers: dict
+    ) -> web.StreamResponse:
+        """Send [start, start+length) of a local file with sendfile(2) (plain read over TLS)."""
+        try:
+            fobj = open(path, "rb")  # noqa: SIM115 - closed below, after the transfer
+        except FileNotFoundError:
+            self.resolver.invalidate()
+            raise web.HTTPNotFound(text="no such object\n") from None
+        try:
+            resp = self._response(status, length, headers)
+            await resp.prepare(request)
+            transport = request.transport
+            if transport is None:
+                raise ConnectionResetError("connection lost")
+            loop = asyncio.get_running_loop()
+            if transport.get_extra_info("sslcontext") is None:
+                await loop.sendfile(transport, fobj, start, length)
+            else:
+                fobj.seek(start)
+                left = length
+                while left > 0:
+                    chunk = await loop.run_in_executor(None, fobj.read, min(left, 1 << 20))
+                    if not chunk:
+                        raise ConnectionResetError("file shrank during transfer")
+                    await resp.write(chunk)
+                    left -= len(chunk)
+            await resp.write_eof()
+            self.metrics.sent(length)
+            return resp
+        finally:
+            fobj.close()

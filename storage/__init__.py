@@ -1,0 +1,134 @@
+"""Where objects live. Knows nothing of HTTP: the mirror speaks HTTP, a store only stores.
+
+The interface is deliberately small (the bazel-remote / attic shape): a backend answers
+``stat``, ``open``, ``put``, ``delete`` and ``keys``. ``open`` returns one of three bodies so
+the HTTP layer can pick the cheapest way to send bytes: a local file (sendfile), a URL
+(redirect) or an async byte stream.
+
+Keys are relative POSIX paths ("universal/3f/a1/sstate:...tar.zst") that the caller has already
+validated (see ``proxy.names.safe_key``); backends still refuse anything that would leave their
+root, as a second line of defence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+
+class StoreError(Exception):
+    """A real fault of the backing store (disk error, S3 unreachable): the HTTP layer answers 5xx/503."""
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot be reached right now; clients should retry later (503 + Retry-After)."""
+
+
+class InvalidKey(ValueError):
+    """The key would leave the store's root or is otherwise unusable: a client error (400)."""
+
+
+class DigestMismatch(ValueError):
+    """The uploaded bytes do not match the size or digest the client announced: a client error."""
+
+
+class TooLarge(ValueError):
+    """The upload exceeds the configured maximum size."""
+
+
+@dataclass(frozen=True, slots=True)
+class Meta:
+    size: int
+    mtime: float  # seconds since the epoch
+    etag: str  # opaque, quoted by the HTTP layer
+
+
+@dataclass(frozen=True, slots=True)
+class LocalFile:
+    """Body that is a file on local disk: the HTTP layer sends it with sendfile."""
+
+    path: str
+    meta: Meta
+
+
+@dataclass(frozen=True, slots=True)
+class RedirectURL:
+    """Body that the client should fetch from elsewhere (a presigned URL)."""
+
+    url: str
+    meta: Meta
+
+
+@dataclass(slots=True)
+class ByteStream:
+    """Body streamed from the backend; ``chunks`` yields exactly the requested range."""
+
+    chunks: AsyncIterator[bytes]
+    meta: Meta
+    start: int
+    length: int
+
+
+Body = LocalFile | RedirectURL | ByteStream
+
+
+@dataclass(frozen=True, slots=True)
+class PutResult:
+    meta: Meta
+    created: bool  # False: the key existed already (first write wins, the new body was discarded)
+
+
+@runtime_checkable
+class ObjectStore(Protocol):
+    async def start(self) -> None:
+        """Start background work once the event loop runs (the app calls it at start-up, before
+        serving): local removes temp litter of crashed uploads, S3 starts building its index.
+        Returns quickly; the store answers correctly (if more slowly) before that work is done."""
+
+    async def stat(self, key: str) -> Meta | None:
+        """Meta of the object, or None if absent. Must be cheap: bitbake's HEAD storms call it."""
+
+    async def open(
+        self, key: str, start: int = 0, length: int | None = None, *, allow_redirect: bool = False
+    ) -> Body | None:
+        """The body of ``key`` (the range [start, start+length) for streams); None if absent."""
+
+    async def put(
+        self,
+        key: str,
+        chunks: AsyncIterator[bytes],
+        *,
+        size: int | None = None,
+        md5: bytes | None = None,
+        sha256: bytes | None = None,
+        max_size: int | None = None,
+    ) -> PutResult:
+        """Store atomically: either the whole verified object appears under ``key`` or nothing does.
+
+        Raises DigestMismatch when the received bytes differ from ``size``/``md5``/``sha256``,
+        TooLarge past ``max_size``. An existing key is kept (first write wins).
+        """
+
+    async def delete(self, key: str) -> bool:
+        """Remove ``key``; True if it existed."""
+
+    def keys(self, prefix: str = "") -> AsyncIterator[str]:
+        """Every key under ``prefix`` (no temp files), in no particular order."""
+
+    async def close(self) -> None:
+        """Release connections, executors, background tasks."""
+
+
+def open_store(config) -> ObjectStore:
+    """Build the store the config names; nothing outside this function knows the backend."""
+    backend = config.storage.backend
+    if backend == "local":
+        from storage.local import LocalStore
+
+        return LocalStore(config.storage.path)
+    if backend == "s3":
+        from storage.s3 import S3Store
+
+        return S3Store(config.storage.s3)
+    raise ValueError(f"unknown storage backend {backend!r}")

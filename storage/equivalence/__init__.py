@@ -1,0 +1,136 @@
+"""The equivalence database: bitbake-hashserv's tables and semantics, behind one interface.
+
+Every face (the mirror rewrite, /v1/equivalent, OEHASHEQUIV over ws/tcp/unix) shares one
+database through this interface, so a report made on any face is seen by all of them.
+Rows are plain dicts whose keys are the column names: they go on the wire as they are, exactly
+as bitbake-hashserv sends them.
+
+Schema and semantics follow ../shared/research/hashserv-protocol.md sections 7 and 8, so that an
+existing bitbake-hashserv SQLite file opens as it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+
+Row = dict[str, Any]
+
+# Columns that `remove`, `gc-mark` and `get-db-query-columns` may name, per table.
+UNIHASH_COLUMNS = ("method", "taskhash", "unihash", "gc_mark")
+OUTHASH_COLUMNS = (
+    "method", "taskhash", "outhash", "created", "owner", "PN", "PV", "PR", "task", "outhash_siginfo",
+)
+OUTHASH_TEXT_COLUMNS = tuple(c for c in OUTHASH_COLUMNS if c != "created")
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    username: str
+    token_hash: str  # "sha256:<salt>:<hex>" as bitbake stores it
+    permissions: tuple[str, ...]  # raw stored permissions, e.g. ("@all",)
+
+
+class EquivalenceDB(Protocol):
+    # --- lookups -------------------------------------------------------------------------
+    async def get_unihash(self, method: str, taskhash: str) -> Row | None:
+        """{taskhash, method, unihash} from unihashes_v3, or None."""
+
+    async def get_unihash_full(self, method: str, taskhash: str) -> Row | None:
+        """Oldest outhash row of the taskhash joined with its unihash (`get` with all=true)."""
+
+    async def get_outhash(self, method: str, outhash: str, with_unihash: bool = True) -> Row | None:
+        """Oldest row with this method+outhash (joined with its unihash when asked)."""
+
+    async def get_equivalent_for_outhash(self, method: str, outhash: str, taskhash: str) -> Row | None:
+        """{taskhash, unihash} of the oldest *other* taskhash with this outhash that has a unihash."""
+
+    async def unihash_exists(self, unihash: str) -> bool: ...
+
+    async def class_of(self, hash_: str, methods: tuple[str, ...], limit: int) -> list[str]:
+        """Hashes whose objects may be served for ``hash_`` (the mirror rewrite), best first.
+
+        First the unihash of ``hash_`` as a taskhash (in ``methods``; () = any method), then the
+        other members of its class (taskhashes sharing that unihash, and the taskhashes mapped to
+        ``hash_`` when ``hash_`` is itself a unihash), newest first. ``hash_`` itself is never
+        included; at most ``limit`` entries.
+        """
+
+    async def generation(self) -> int:
+        """A number that changes whenever any process commits a change to equivalence data.
+
+        The rewrite caches positive answers until this changes; it must be cheap (a PRAGMA or
+        one indexed row) because every worker polls it a few times a second.
+        """
+
+    # --- writes (each commits before it returns) -----------------------------------------
+    async def insert_outhash(self, row: Row) -> bool:
+        """INSERT OR IGNORE into outhashes_v2; True if the row is new."""
+
+    async def insert_unihash(self, method: str, taskhash: str, unihash: str) -> bool:
+        """INSERT OR IGNORE into unihashes_v3 (gc_mark = current mark); True if new."""
+
+    async def insert_report(self, row: Row, client_unihash: str) -> Row:
+        """The write half of `report` (hashserv-protocol.md §7) in ONE transaction.
+
+        insert_outhash(row) (``created`` defaults to now, stored as UTC ISO text), then the
+        oldest equivalent (get_equivalent_for_outhash, always run), then insert_unihash with the
+        equivalent's unihash or else ``client_unihash``; returns the *stored*
+        ``{taskhash, method, unihash}`` (first writer wins). No upstream lookup: a server with an
+        upstream calls the separate methods instead. Validation/permissions are the caller's job.
+        """
+
+    async def remove(self, where: dict[str, Any]) -> int: ...
+
+    async def clean_unused(self, oldest: datetime) -> int:
+        """Delete outhash rows created before ``oldest`` whose (method, taskhash) has no unihash."""
+
+    async def gc_mark(self, mark: str, where: dict[str, Any]) -> int: ...
+
+    async def gc_sweep(self) -> int:
+        """Delete every unihash row not carrying the current mark, then clear the mark."""
+
+    async def gc_status(self) -> tuple[int, int, str | None]:
+        """(keep, remove, current mark)."""
+
+    async def get_current_gc_mark(self) -> str | None: ...
+
+    async def get_usage(self) -> dict[str, dict[str, int]]: ...
+
+    async def get_query_columns(self) -> list[str]: ...
+
+    # --- users -----------------------------------------------------------------------------
+    async def lookup_user(self, username: str) -> User | None: ...
+
+    async def get_all_users(self) -> list[User]: ...
+
+    async def new_user(self, username: str, permissions: tuple[str, ...], token_hash: str) -> bool:
+        """False if the user exists already."""
+
+    async def set_user_token(self, username: str, token_hash: str) -> bool: ...
+
+    async def set_user_perms(self, username: str, permissions: tuple[str, ...]) -> bool: ...
+
+    async def delete_user(self, username: str) -> bool: ...
+
+    async def close(self) -> None: ...
+
+
+def open_equivalence_db(url: str, *, read_only: bool = False) -> EquivalenceDB:
+    """`sqlite:///path` (the embedded default) or `postgresql://...`."""
+    if url.startswith("sqlite://"):
+        from storage.equivalence.sqlite import SqliteEquivalenceDB
+
+        # SQLAlchemy's convention: sqlite:///rel/x.db is relative, sqlite:////abs/x.db absolute.
+        if not url.startswith("sqlite:///"):
+            raise ValueError(f"bad sqlite url {url!r}: use sqlite:///relative.db or sqlite:////abs.db")
+        path = url[len("sqlite:///"):]
+        if not path:
+            raise ValueError("sqlite url names no file")
+        return SqliteEquivalenceDB(path, read_only=read_only)
+    if url.startswith(("postgresql://", "postgres://")):
+        from storage.equivalence.postgres import PostgresEquivalenceDB
+
+        return PostgresEquivalenceDB(url, read_only=read_only)
+    raise ValueError(f"unsupported database url {url!r} (sqlite:///path or postgresql://...)")
