@@ -105,9 +105,9 @@ def load_config(args: argparse.Namespace) -> Config:
 
 
 async def prepare(cfg: Config) -> None:
-    """One-time start-up work done once, before workers fork: schema, admin user, temp litter."""
+    """One-time start-up work done once, before workers fork: schema, admin user.
+    (Each store's start() removes the temp litter of an interrupted upload.)"""
     from proxy.auth import Auth
-    from storage import open_store
     from storage.equivalence import open_equivalence_db
 
     db = open_equivalence_db(cfg.database.url)
@@ -117,13 +117,6 @@ async def prepare(cfg: Config) -> None:
             log.info("admin user %r has @all", cfg.auth.admin_user)
     finally:
         await db.close()
-    store = open_store(cfg)
-    cleanup = getattr(store, "cleanup_temp", None)
-    if cleanup is not None:
-        removed = await cleanup()
-        if removed:
-            log.info("removed %s temporary file(s) left by an interrupted upload", removed)
-    await store.close()
 
 
 def reserve_port(host: str, port: int) -> socket.socket:

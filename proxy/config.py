@@ -43,6 +43,9 @@ class S3Config:
     timeout_s: float = 10.0
     index: bool = True
     index_refresh_s: int = 300
+    # Trust a complete index for misses too (no S3 HEAD per miss): only when this service is
+    # the bucket's only writer.
+    only_writer: bool = False
 
 
 @dataclass(frozen=True)

@@ -130,5 +130,5 @@ def open_store(config) -> ObjectStore:
     if backend == "s3":
         from storage.s3 import S3Store
 
-        return S3Store(config.storage.s3)
+        return S3Store(config.storage.s3, confirm_misses=not config.storage.s3.only_writer)
     raise ValueError(f"unknown storage backend {backend!r}")

@@ -16,6 +16,7 @@ import pytest
 
 from tests.bbfetch import BitbakeMirrorClient
 from tests.corpus import make_corpus
+from tests.s3server import TEST_ENV, MotoServer
 from tests.service import REPO, Service
 
 
@@ -49,18 +50,48 @@ def quote(key: str) -> str:
     return "/" + q(key)
 
 
-@pytest.fixture(scope="module")
-def mirror(tmp_path_factory):
+def upload_tree(moto, bucket: str, prefix: str, root: Path) -> None:
+    client = moto.client()
+    for path in root.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            key = path.relative_to(root).as_posix()
+            client.put_object(Bucket=bucket, Key=f"{prefix}/{key}" if prefix else key, Body=path.read_bytes())
+
+
+def s3_service(work: Path, moto, bucket: str, prefix: str, **s3_keys) -> Service:
+    return Service(work, env=TEST_ENV, config={
+        "storage": {"backend": "s3"},
+        "storage.s3": {"bucket": bucket, "prefix": prefix, "endpoint_url": moto.endpoint_url,
+                       "region": "us-east-1", "timeout_s": 2.0, **s3_keys},
+    })
+
+
+@pytest.fixture(scope="module", params=["local", "s3"])
+def mirror(request, tmp_path_factory):
+    """The same corpus served from local disk and from S3 (a moto server over HTTP, with a prefix)."""
     work = tmp_path_factory.mktemp("mirror")
-    svc = Service(work / "svc")
-    corpus = make_corpus(svc.storage, n=300, seed=7)
+    moto = None
+    if request.param == "local":
+        svc = Service(work / "svc")
+        root = svc.storage
+    else:
+        moto = MotoServer()
+        moto.start()
+        moto.create_bucket("sstate")
+        svc = s3_service(work / "svc", moto, "sstate", "fleet/mirror")
+        root = work / "corpus"
+    corpus = make_corpus(root, n=300, seed=7)
     (work / "outside-secret.txt").write_text("secret")
-    os.symlink(work / "outside-secret.txt", svc.storage / "escape.txt")
-    os.symlink("/etc", svc.storage / "etc-link")
-    (svc.storage / "README.txt").write_text("plain file, not an sstate object\n")
+    os.symlink(work / "outside-secret.txt", root / "escape.txt")
+    os.symlink("/etc", root / "etc-link")
+    (root / "README.txt").write_text("plain file, not an sstate object\n")
+    if moto is not None:
+        upload_tree(moto, "sstate", "fleet/mirror", root)
     svc.start()
     yield svc, corpus
     svc.stop()
+    if moto is not None:
+        moto.close()
 
 
 def test_bitbake_fetcher_checks_and_downloads_the_corpus(mirror, tmp_path):
