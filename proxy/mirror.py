@@ -113,12 +113,17 @@ class Mirror:
         await require(request, self.auth, "@read")
         key, name = self.key_of(request)
         try:
-            res = await self.resolver.resolve(key, name)
+            return await self._get_or_head(request, key, name)
         except StoreUnavailable as e:
+            # Only reachable before the response started: a failure mid-body aborts the
+            # connection, which wget notices (Content-Length) and resumes with Range.
             log.warning("store unavailable for %s: %s", key, e)
             raise web.HTTPServiceUnavailable(
                 text="storage unavailable, retry later\n", headers={"Retry-After": RETRY_AFTER_S}
             ) from None
+
+    async def _get_or_head(self, request: web.Request, key: str, name: names.SstateName | None):
+        res = await self.resolver.resolve(key, name)
         method = request.method
         if res is None:
             self.metrics.object_request(method, "miss")
