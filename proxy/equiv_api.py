@@ -17,7 +17,7 @@ from aiohttp import web
 from proxy.auth import Auth
 from proxy.http_auth import require
 from proxy.metrics import Metrics
-from proxy.reports import ReportError, Reporter
+from proxy.reports import Reporter, ReportError
 
 OPTIONAL_TEXT = ("owner", "PN", "PV", "PR", "task", "outhash_siginfo")
 

@@ -116,6 +116,31 @@ class EquivalenceDB(Protocol):
 
     async def close(self) -> None: ...
 
+    # --- archive identity (storage dedup; sstate-proxy's own table, NOT hash equivalence) ------
+    # Rows live in ``sstate_proxy_archives`` under the method name
+    # storage.archive_identity.METHOD; they never reach unihashes_v3/outhashes_v2 and are never
+    # answered to hashserv clients (an archive identity is not an OEOuthashBasic).
+    async def record_archive(self, key: str, identity: str, size: int) -> str:
+        """Record that object ``key`` (``size`` bytes) has archive ``identity``; return the
+        canonical key for that identity (``key`` itself when it is the first). Atomic: of
+        concurrent callers with one identity exactly one becomes canonical. Idempotent: a key
+        already recorded returns its stored canonical."""
+
+    async def archive_alias(self, key: str) -> str | None:
+        """The canonical key whose bytes serve ``key``, if ``key`` is a dedup alias, else None."""
+
+    async def archive_aliases(self, canonical: str) -> list[str]:
+        """The alias keys served by ``canonical``'s bytes, oldest first."""
+
+    async def forget_archive(self, key: str, successor: str | None = None) -> int:
+        """Drop ``key``'s row. Aliases that pointed at ``key`` now point at ``successor`` (which
+        becomes canonical; its bytes must already be stored), or are dropped too when
+        ``successor`` is None. Returns the number of rows deleted."""
+
+    async def dedup_stats(self) -> dict[str, int]:
+        """{"objects": recorded keys, "unique": distinct stored archives, "bytes_saved": bytes of
+        the aliases (not stored)}."""
+
 
 def open_equivalence_db(url: str, *, read_only: bool = False) -> EquivalenceDB:
     """`sqlite:///path` (the embedded default) or `postgresql://...`."""

@@ -695,6 +695,92 @@ class SqliteEquivalenceDB:
     async def delete_user(self, username: str) -> bool:
         return self._write(lambda c: c.execute("DELETE FROM users WHERE username = ?", (username,)).rowcount > 0)
 
+    # --- archive identity (storage dedup) -------------------------------------------------------
+    # sstate-proxy's own table, created on first use; never touched by bitbake-hashserv code paths
+    # (see storage.archive_identity: an archive identity is NOT an outhash).
+    _ARCHIVES_DDL = (
+        """CREATE TABLE IF NOT EXISTS sstate_proxy_archives (
+            key TEXT PRIMARY KEY,
+            identity TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            canonical TEXT NOT NULL,
+            created TEXT
+        )""",
+        "CREATE INDEX IF NOT EXISTS sstate_proxy_archives_identity ON sstate_proxy_archives (identity)",
+        "CREATE INDEX IF NOT EXISTS sstate_proxy_archives_canonical ON sstate_proxy_archives (canonical)",
+    )
+
+    def _archives_table(self) -> bool:
+        """True once the table exists (created here unless read-only)."""
+        if getattr(self, "_archives_ready", False):
+            return True
+        exists = self._one("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'sstate_proxy_archives'")
+        if exists is None and not self.read_only:
+            def tx(c: sqlite3.Connection) -> None:
+                for ddl in self._ARCHIVES_DDL:
+                    c.execute(ddl)
+
+            self._write(tx)
+            exists = (1,)
+        self._archives_ready = exists is not None
+        return self._archives_ready
+
+    async def record_archive(self, key: str, identity: str, size: int) -> str:
+        self._writable()
+        self._archives_table()
+
+        def tx(c: sqlite3.Connection) -> str:
+            r = c.execute("SELECT canonical FROM sstate_proxy_archives WHERE key = ?", (key,)).fetchone()
+            if r is not None:
+                return r[0]
+            r = c.execute(
+                "SELECT key FROM sstate_proxy_archives WHERE identity = ? AND canonical = key "
+                "ORDER BY rowid LIMIT 1", (identity,)).fetchone()
+            canonical = r[0] if r is not None else key
+            c.execute(
+                "INSERT INTO sstate_proxy_archives (key, identity, size, canonical, created) VALUES (?, ?, ?, ?, ?)",
+                (key, identity, int(size), canonical, utc_iso()))
+            return canonical
+
+        return self._write(tx)
+
+    async def archive_alias(self, key: str) -> str | None:
+        if not self._archives_table():
+            return None
+        r = self._one("SELECT canonical FROM sstate_proxy_archives WHERE key = ? AND canonical != key", (key,))
+        return None if r is None else r[0]
+
+    async def archive_aliases(self, canonical: str) -> list[str]:
+        if not self._archives_table():
+            return []
+        return [r[0] for r in self._rows(
+            "SELECT key FROM sstate_proxy_archives WHERE canonical = ? AND key != canonical ORDER BY rowid",
+            (canonical,))]
+
+    async def forget_archive(self, key: str, successor: str | None = None) -> int:
+        self._writable()
+        if not self._archives_table():
+            return 0
+
+        def tx(c: sqlite3.Connection) -> int:
+            n = c.execute("DELETE FROM sstate_proxy_archives WHERE key = ?", (key,)).rowcount
+            if successor is not None:
+                c.execute("UPDATE sstate_proxy_archives SET canonical = ? WHERE canonical = ?", (successor, key))
+            else:
+                n += c.execute("DELETE FROM sstate_proxy_archives WHERE canonical = ?", (key,)).rowcount
+            return n
+
+        return self._write(tx)
+
+    async def dedup_stats(self) -> dict[str, int]:
+        if not self._archives_table():
+            return {"objects": 0, "unique": 0, "bytes_saved": 0}
+        r = self._one(
+            "SELECT COUNT(*), COALESCE(SUM(canonical = key), 0), "
+            "COALESCE(SUM(CASE WHEN canonical != key THEN size ELSE 0 END), 0) FROM sstate_proxy_archives")
+        assert r is not None
+        return {"objects": r[0], "unique": r[1], "bytes_saved": r[2]}
+
     async def close(self) -> None:
         if self._checkpoint is not None:
             await self._checkpoint
