@@ -18,10 +18,12 @@ from proxy.auth import Auth
 from proxy.config import Config
 from proxy.equiv_api import EquivalenceAPI
 from proxy.hashserv.service import HashservService
+from proxy.http_auth import require
 from proxy.metrics import Metrics
 from proxy.mirror import Mirror
 from proxy.reports import Reporter
 from proxy.resolver import Resolver
+from proxy.uploads import Uploads
 from storage import open_store
 from storage.equivalence import open_equivalence_db
 
@@ -93,7 +95,9 @@ async def _startup(app: web.Application) -> None:
     if not parts.get("skip_listeners"):
         await hashserv.start()
     parts.update(store=store, db=db, auth=auth, resolver=resolver, reporter=reporter, hashserv=hashserv)
-    parts["mirror"] = Mirror(store, resolver, auth, app[METRICS], cfg.server.mirror_prefix)
+    parts["mirror"] = mirror = Mirror(store, resolver, auth, app[METRICS], cfg.server.mirror_prefix)
+    parts["uploads"] = Uploads(mirror, max_upload_bytes=cfg.limits.max_upload_bytes,
+                               read_only=cfg.hashserv.read_only, dedup=cfg.storage.dedup)
     parts["equiv"] = EquivalenceAPI(reporter, auth, app[METRICS], cfg.limits.max_request_body_bytes)
 
 
@@ -153,14 +157,27 @@ def build_app(cfg: Config, *, skip_listeners: bool = False) -> web.Application:
     async def objects(request: web.Request) -> web.StreamResponse:
         if request.method == "GET" and request.headers.get("Upgrade", "").lower() == "websocket":
             return await websocket(request)
-        mirror = part("mirror")
         if request.method in ("GET", "HEAD"):
-            return await mirror.get_or_head(request)
+            return await part("mirror").get_or_head(request)
         if request.method == "PUT":
-            return await mirror.put(request)
+            return await part("uploads").put(request)
         if request.method == "DELETE":
-            return await mirror.delete(request)
+            return await part("uploads").delete(request)
         raise web.HTTPMethodNotAllowed(request.method, ["GET", "HEAD", "PUT", "DELETE"])
+
+    async def expect_continue(request: web.Request) -> None:
+        """Answer `Expect: 100-continue` only after the upload's permission and size checks, so
+        curl/wget learn of a 401/403/413 before they send a large body."""
+        if request.headers.get("Expect", "").lower() != "100-continue":
+            raise web.HTTPExpectationFailed(text="unknown Expect value\n")
+        if request.method == "PUT":
+            await require(request, part("auth"), "@upload")
+            length = request.content_length
+            if length is not None and length > cfg.limits.max_upload_bytes:
+                raise web.HTTPRequestEntityTooLarge(cfg.limits.max_upload_bytes, length,
+                                                    text="object larger than the upload limit\n")
+        if request.version >= (1, 1):
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     async def equiv_get(request: web.Request) -> web.Response:
         return await part("equiv").get(request)
@@ -175,7 +192,7 @@ def build_app(cfg: Config, *, skip_listeners: bool = False) -> web.Application:
     r.add_get("/v1/equivalent", equiv_get)
     r.add_post("/v1/equivalent", equiv_post)
     r.add_get("/ws", websocket)
-    r.add_route("*", cfg.server.mirror_prefix + "{tail:.*}", objects)
+    r.add_route("*", cfg.server.mirror_prefix + "{tail:.*}", objects, expect_handler=expect_continue)
     return app
 
 

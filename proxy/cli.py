@@ -51,12 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING or ERROR")
 
     u = sub.add_parser("user", help="manage users and tokens")
-    _add_config_args(u)
     usub = u.add_subparsers(dest="user_command", required=True)
     ua = usub.add_parser("add", help="create a user and print its token")
     ua.add_argument("username")
     ua.add_argument("--perms", default="@read", help="permissions, comma or space separated")
-    usub.add_parser("list", help="list users and permissions")
+    ul = usub.add_parser("list", help="list users and permissions")
     ud = usub.add_parser("delete", help="delete a user")
     ud.add_argument("username")
     ut = usub.add_parser("token", help="issue a new token for a user (the old one stops working)")
@@ -64,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     up = usub.add_parser("perms", help="set a user's permissions")
     up.add_argument("username")
     up.add_argument("perms")
+    for leaf in (ua, ul, ud, ut, up):  # `user add NAME --config FILE`, like every other command
+        _add_config_args(leaf)
 
     st = sub.add_parser("stats", help="print database and store statistics as JSON")
     _add_config_args(st)

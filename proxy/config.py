@@ -52,6 +52,7 @@ class S3Config:
 class StorageConfig:
     backend: str = "local"  # local | s3
     path: str = "./sstate-cache"
+    dedup: bool = True
     s3: S3Config = field(default_factory=S3Config)
 
 

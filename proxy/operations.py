@@ -13,7 +13,11 @@ COMMANDS: dict[str, Callable] = {}
 
 
 def add_parsers(sub: argparse._SubParsersAction, add_config_args: Callable) -> None:
-    """Register the operation sub-commands (none are defined yet beyond serve/user/stats)."""
+    """Register the operation sub-commands."""
+    from proxy import importer
+
+    importer.add_parser(sub, add_config_args)
+    COMMANDS["import"] = importer.command
 
 
 def run(command: str, cfg, args: argparse.Namespace) -> int:

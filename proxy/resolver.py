@@ -42,6 +42,9 @@ class Resolver:
         self._positive: OrderedDict[str, tuple[str, str]] = OrderedDict()
         # requested key -> monotonic expiry
         self._negative: OrderedDict[str, float] = OrderedDict()
+        # dedup aliases (storage dedup, proxy/uploads.py): requested key -> canonical key whose
+        # bytes ARE this object (equal archive identity); same lifetime as positive answers
+        self._aliases: OrderedDict[str, str] = OrderedDict()
         self._generation: int | None = None
         self._next_poll = 0.0
 
@@ -49,6 +52,7 @@ class Resolver:
         """Forget every cached answer (called after a write in this process)."""
         self._positive.clear()
         self._negative.clear()
+        self._aliases.clear()
         self._next_poll = 0.0
 
     async def _check_generation(self) -> None:
@@ -61,15 +65,24 @@ class Resolver:
             self._generation = gen
             self._positive.clear()
             self._negative.clear()
+            self._aliases.clear()
 
     async def resolve(self, key: str, name: SstateName | None) -> Resolution | None:
         """The object to serve for ``key``, or None (a miss)."""
         meta = await self.store.stat(key)
         if meta is not None:
             return Resolution(key, meta, name.hash if name else "", "hit")
-        if name is None or self.limit == 0:
+        if name is None:
             return None
         await self._check_generation()
+        # --- storage dedup (proxy/uploads.py): an alias is served with its canonical's bytes,
+        # which have the identical archive content, so it is a "hit", not a rewrite.
+        alias = await self._alias(key, name.hash)
+        if alias is not None:
+            return alias
+        if self.limit == 0:
+            return None
+        # --- end of the dedup step
         cached = self._positive.get(key)
         if cached is not None:
             served_key, served_hash = cached
@@ -111,7 +124,28 @@ class Resolver:
             meta = await self.store.stat(cand_key)
             if meta is not None:
                 return Resolution(cand_key, meta, cand, "equivalent")
+            # storage dedup: the candidate may be stored as an alias of an equal archive
+            alias = await self._alias(cand_key, cand)
+            if alias is not None:
+                return Resolution(alias.key, alias.meta, cand, "equivalent")
         return None
+
+    async def _alias(self, key: str, hash_: str) -> Resolution | None:
+        """Storage dedup: ``key`` stored as an alias of an equal archive -> its canonical object."""
+        canonical = self._aliases.get(key)
+        if canonical is None:
+            lookup = getattr(self.db, "archive_alias", None)
+            if lookup is None:
+                return None
+            canonical = await lookup(key)
+            if canonical is None:
+                return None
+        meta = await self.store.stat(canonical)
+        if meta is None:
+            self._aliases.pop(key, None)
+            return None
+        self._remember(self._aliases, key, canonical)
+        return Resolution(canonical, meta, hash_, "hit")
 
     def _remember(self, cache: OrderedDict, key: str, value) -> None:
         cache[key] = value

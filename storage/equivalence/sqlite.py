@@ -716,11 +716,16 @@ class SqliteEquivalenceDB:
             return True
         exists = self._one("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'sstate_proxy_archives'")
         if exists is None and not self.read_only:
-            def tx(c: sqlite3.Connection) -> None:
+            # not through _write: it rolls back transactions that change no rows (DDL doesn't)
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
                 for ddl in self._ARCHIVES_DDL:
-                    c.execute(ddl)
-
-            self._write(tx)
+                    conn.execute(ddl)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
             exists = (1,)
         self._archives_ready = exists is not None
         return self._archives_ready
