@@ -64,8 +64,18 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     return start, end - start + 1
 
 
+_DATES: dict[int, str] = {}
+
+
 def _http_date(ts: float) -> str:
-    return formatdate(ts, usegmt=True)
+    """Last-Modified text; cached, since a HEAD storm asks for the same few mtimes again and again."""
+    second = int(ts)
+    text = _DATES.get(second)
+    if text is None:
+        if len(_DATES) > 65536:
+            _DATES.clear()
+        text = _DATES[second] = formatdate(second, usegmt=True)
+    return text
 
 
 def _parse_http_date(value: str | None) -> float | None:
@@ -229,10 +239,9 @@ class Mirror:
 
     @staticmethod
     def _response(status: int, length: int, headers: dict) -> web.StreamResponse:
-        resp = web.StreamResponse(status=status, headers=headers)
-        resp.content_type = "application/octet-stream"
-        resp.content_length = length
-        return resp
+        headers["Content-Type"] = "application/octet-stream"
+        headers["Content-Length"] = str(length)
+        return web.StreamResponse(status=status, headers=headers)
 
     async def _sendfile(
         self, request: web.Request, path: str, status: int, start: int, length: int, headers: dict

@@ -38,13 +38,10 @@ class Resolver:
         self.limit = cfg.class_limit
         self.negative_ttl = cfg.negative_ttl_s
         self.max_entries = cfg.cache_entries
-        # requested key -> served key (valid until the generation changes)
-        self._positive: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        # requested key -> (served key, served hash, source), valid until the generation changes
+        self._positive: OrderedDict[str, tuple[str, str, str]] = OrderedDict()
         # requested key -> monotonic expiry
         self._negative: OrderedDict[str, float] = OrderedDict()
-        # dedup aliases (storage dedup, proxy/uploads.py): requested key -> canonical key whose
-        # bytes ARE this object (equal archive identity); same lifetime as positive answers
-        self._aliases: OrderedDict[str, str] = OrderedDict()
         self._generation: int | None = None
         self._next_poll = 0.0
 
@@ -52,7 +49,6 @@ class Resolver:
         """Forget every cached answer (called after a write in this process)."""
         self._positive.clear()
         self._negative.clear()
-        self._aliases.clear()
         self._next_poll = 0.0
 
     async def _check_generation(self) -> None:
@@ -65,7 +61,6 @@ class Resolver:
             self._generation = gen
             self._positive.clear()
             self._negative.clear()
-            self._aliases.clear()
 
     async def resolve(self, key: str, name: SstateName | None) -> Resolution | None:
         """The object to serve for ``key``, or None (a miss)."""
@@ -75,31 +70,27 @@ class Resolver:
         if name is None:
             return None
         await self._check_generation()
-        # --- storage dedup (proxy/uploads.py): an alias is served with its canonical's bytes,
-        # which have the identical archive content, so it is a "hit", not a rewrite.
-        alias = await self._alias(key, name.hash)
-        if alias is not None:
-            return alias
-        if self.limit == 0:
-            return None
-        # --- end of the dedup step
         cached = self._positive.get(key)
         if cached is not None:
-            served_key, served_hash = cached
+            served_key, served_hash, source = cached
             meta = await self.store.stat(served_key)
             if meta is not None:
-                return Resolution(served_key, meta, served_hash, "equivalent")
+                return Resolution(served_key, meta, served_hash, source)
             del self._positive[key]
         expiry = self._negative.get(key)
         if expiry is not None:
             if expiry > time.monotonic():
                 return None
             del self._negative[key]
-        found = await self._search(name)
+        # Storage dedup (proxy/uploads.py): a name stored as an alias of an equal archive is
+        # served the canonical's bytes; the content is identical, so it is a "hit".
+        found = await self._alias(key, name.hash)
+        if found is None and self.limit > 0:
+            found = await self._search(name)
         if found is None:
             self._remember(self._negative, key, time.monotonic() + self.negative_ttl)
             return None
-        self._remember(self._positive, key, (found.key, found.served_hash))
+        self._remember(self._positive, key, (found.key, found.served_hash, found.source))
         return found
 
     async def _search(self, name: SstateName) -> Resolution | None:
@@ -111,7 +102,7 @@ class Resolver:
             # served for the object's own name, so the pair always matches.
             obj = name.with_hash(name.hash)
             obj_res = self._positive.get(obj.object_key)
-            if obj_res is not None:
+            if obj_res is not None and obj_res[2] == "equivalent":
                 preferred = obj_res[1]
                 candidates = [preferred] + [c for c in candidates if c != preferred]
             else:
@@ -132,20 +123,12 @@ class Resolver:
 
     async def _alias(self, key: str, hash_: str) -> Resolution | None:
         """Storage dedup: ``key`` stored as an alias of an equal archive -> its canonical object."""
-        canonical = self._aliases.get(key)
+        lookup = getattr(self.db, "archive_alias", None)
+        canonical = await lookup(key) if lookup is not None else None
         if canonical is None:
-            lookup = getattr(self.db, "archive_alias", None)
-            if lookup is None:
-                return None
-            canonical = await lookup(key)
-            if canonical is None:
-                return None
-        meta = await self.store.stat(canonical)
-        if meta is None:
-            self._aliases.pop(key, None)
             return None
-        self._remember(self._aliases, key, canonical)
-        return Resolution(canonical, meta, hash_, "hit")
+        meta = await self.store.stat(canonical)
+        return Resolution(canonical, meta, hash_, "hit") if meta is not None else None
 
     def _remember(self, cache: OrderedDict, key: str, value) -> None:
         cache[key] = value
