@@ -150,7 +150,7 @@ async def _startup(app: web.Application) -> None:
     reporter = Reporter(db, auth, read_only=cfg.hashserv.read_only, on_change=resolver.invalidate)
     hashserv = HashservService(db, auth, cfg, on_change=resolver.invalidate)
     if not parts.get("skip_listeners"):
-        await hashserv.start()
+        await hashserv.start(sock=parts.get("hashserv_sock"))
     parts.update(store=store, db=db, auth=auth, resolver=resolver, reporter=reporter, hashserv=hashserv)
     parts["mirror"] = mirror = Mirror(store, resolver, auth, app[METRICS], cfg.server.mirror_prefix)
     parts["uploads"] = Uploads(mirror, max_upload_bytes=cfg.limits.max_upload_bytes,
@@ -170,16 +170,17 @@ async def _cleanup(app: web.Application) -> None:
                 log.exception("error while closing %s", name)
 
 
-def build_app(cfg: Config, *, skip_listeners: bool = False) -> web.Application:
-    """The whole service as one Application. ``skip_listeners``: no raw hashserv listeners (tests
-    that only need HTTP, or workers that inherit them)."""
+def build_app(cfg: Config, *, skip_listeners: bool = False, hashserv_sock=None) -> web.Application:
+    """The whole service as one Application. ``skip_listeners``: no raw hashserv listener;
+    ``hashserv_sock``: serve the raw hashserv protocol on this listening socket, bound by the
+    supervisor before it forked (workers share it) instead of binding ``[hashserv] bind``."""
     app = web.Application(
         middlewares=[request_id_middleware],
         client_max_size=cfg.limits.max_request_body_bytes,
     )
     app[CONFIG] = cfg
     app[METRICS] = Metrics()
-    app[PARTS] = {"skip_listeners": skip_listeners}
+    app[PARTS] = {"skip_listeners": skip_listeners, "hashserv_sock": hashserv_sock}
     app.on_startup.append(_startup)
     app.on_response_prepare.append(_add_request_id)
     app.on_cleanup.append(_cleanup)

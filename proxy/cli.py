@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -131,10 +132,10 @@ def reserve_port(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def run_worker(cfg: Config, worker: int) -> None:
+async def run_worker(cfg: Config, worker: int, hashserv_sock: socket.socket | None = None) -> None:
     from proxy.app import access_logger_class, build_app
 
-    app = build_app(cfg)
+    app = build_app(cfg, hashserv_sock=hashserv_sock)
     runner = web.AppRunner(
         app, access_log_class=access_logger_class(cfg), handle_signals=False,
         access_log=logging.getLogger("sstate_proxy.access"),
@@ -164,23 +165,35 @@ async def run_worker(cfg: Config, worker: int) -> None:
 
 def serve(cfg: Config) -> int:
     from proxy.app import setup_logging
+    from proxy.hashserv.listeners import bind_socket
 
     setup_logging(cfg)
     asyncio.run(prepare(cfg))
     host, port = config_mod.split_bind("server.bind", cfg.server.bind)
     reserved = reserve_port(host, port)
-    cfg = replace(cfg, server=replace(cfg.server, bind=f"[{host}]:{reserved.getsockname()[1]}"
-                                      if ":" in host else f"{host}:{reserved.getsockname()[1]}"))
-    if cfg.server.workers == 1:
-        try:
-            asyncio.run(run_worker(cfg, 0))
-        finally:
-            reserved.close()
-        return 0
-    return supervise(cfg, reserved)
+    port = reserved.getsockname()[1]
+    cfg = replace(cfg, server=replace(cfg.server, bind=f"[{host}]:{port}" if ":" in host else f"{host}:{port}"))
+    # The raw hashserv listener is bound once, here, and shared by every worker (a unix path
+    # cannot be bound by several processes; a tcp port 0 must be the same port for all).
+    hashserv_sock = bind_socket(cfg.hashserv.bind) if cfg.hashserv.bind else None
+    unix_path = None
+    if hashserv_sock is not None and hashserv_sock.family == socket.AF_UNIX:
+        unix_path = hashserv_sock.getsockname()
+    try:
+        if cfg.server.workers == 1:
+            asyncio.run(run_worker(cfg, 0, hashserv_sock))
+            return 0
+        return supervise(cfg, reserved, hashserv_sock)
+    finally:
+        reserved.close()
+        if hashserv_sock is not None:
+            hashserv_sock.close()
+            if unix_path:
+                with contextlib.suppress(OSError):
+                    os.unlink(unix_path)
 
 
-def supervise(cfg: Config, reserved: socket.socket) -> int:
+def supervise(cfg: Config, reserved: socket.socket, hashserv_sock: socket.socket | None) -> int:
     """Fork ``workers`` processes that share the port; restart one that dies; on SIGTERM/SIGINT
     stop them all and wait for them."""
     children: dict[int, int] = {}
@@ -194,7 +207,7 @@ def supervise(cfg: Config, reserved: socket.socket) -> int:
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             code = 0
             try:
-                asyncio.run(run_worker(cfg, worker))
+                asyncio.run(run_worker(cfg, worker, hashserv_sock))
             except BaseException:
                 log.exception("worker %d failed", worker)
                 code = 1
@@ -237,7 +250,6 @@ def supervise(cfg: Config, reserved: socket.socket) -> int:
             continue
         time.sleep(0.5)
         spawn(worker)
-    reserved.close()
     return 0
 
 

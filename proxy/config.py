@@ -95,6 +95,7 @@ class LimitsConfig:
     max_upload_bytes: int = 4 * 1024**3
     max_request_body_bytes: int = 1024 * 1024  # JSON bodies (/v1/equivalent)
     max_message_bytes: int = 1024 * 1024  # hashserv messages
+    max_hashserv_connections: int = 4096  # per worker, raw tcp/unix hashserv clients
 
 
 @dataclass(frozen=True)
@@ -205,7 +206,8 @@ def validate(cfg: Config) -> Config:
     if bool(cfg.auth.admin_user) != bool(cfg.auth.admin_token):
         raise ConfigError("auth.admin_token: admin_user and admin_token must be given together")
     lim = cfg.limits
-    for name in ("max_upload_bytes", "max_request_body_bytes", "max_message_bytes"):
+    for name in ("max_upload_bytes", "max_request_body_bytes", "max_message_bytes",
+                 "max_hashserv_connections"):
         if getattr(lim, name) < 1:
             raise ConfigError(f"limits.{name}: must be positive")
     if cfg.upstream.mirrors:

@@ -19,6 +19,7 @@ connection is closed without a reply, as the reference does for malformed input.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections import deque
@@ -236,7 +237,8 @@ class StreamIO(asyncio.Protocol, MessageIO):
             self._loop.call_soon(self._step)
         else:
             log.error("hashserv %s: handler awaited %r; closing", self._peer, awaited)
-            coro.close()
+            with contextlib.suppress(RuntimeError):
+                coro.close()
             self._finished()
             self._abort()
 
@@ -245,7 +247,8 @@ class StreamIO(asyncio.Protocol, MessageIO):
         if self.task is not None:
             self.task.cancel()
         elif self._coro is not None and not self._stepping:
-            self._coro.close()
+            with contextlib.suppress(RuntimeError):  # "coroutine ignored GeneratorExit"
+                self._coro.close()
             self._finished()
 
     def _abort(self) -> None:

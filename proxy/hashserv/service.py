@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 from collections.abc import Callable
 
@@ -52,7 +53,7 @@ class HashservService:
         self.read_only = cfg.hashserv.read_only
         self.upstream_address = "" if self.read_only else cfg.hashserv.upstream
         self.max_message = cfg.limits.max_message_bytes
-        self.max_connections = getattr(cfg.limits, "max_connections", 4096)
+        self.max_connections = cfg.limits.max_hashserv_connections
         # Drive tcp/unix connections without a Task per wake-up when the database answers from
         # the event loop (see framing.StreamIO): one event-loop iteration per request.
         self.eager = _answers_in_loop(db)
@@ -74,12 +75,17 @@ class HashservService:
         """The client addresses of the open listeners (``host:port``, ``unix:///path``)."""
         return [lst.address for lst in self.listeners]
 
-    async def start(self) -> None:
-        """Open the configured listener (if any) and the upstream back-fill worker."""
+    async def start(self, sock: socket.socket | None = None) -> None:
+        """Start the upstream back-fill worker (if an upstream is configured) and listen on
+        ``[hashserv] bind`` (if set) or, when given, on ``sock``: a listening socket made by
+        ``listeners.bind_socket`` in a supervisor before forking workers (several processes
+        cannot each bind one unix path)."""
         if self.upstream_address and self._backfill is None:
             self._backfill = asyncio.Queue()
             self._backfill_task = asyncio.create_task(self._backfill_worker(), name="hashserv-backfill")
-        if self.cfg.hashserv.bind:
+        if sock is not None:
+            await self.listen_socket(sock)
+        elif self.cfg.hashserv.bind:
             await self.listen(self.cfg.hashserv.bind)
 
     async def listen(self, bind: str) -> str:
@@ -90,7 +96,7 @@ class HashservService:
         self.listeners.append(listener)
         return listener.address
 
-    async def listen_socket(self, sock) -> str:
+    async def listen_socket(self, sock: socket.socket) -> str:
         """Serve on an inherited, already listening socket (see ``listeners.bind_socket``)."""
         listener = await start_on_socket(sock, self._run_stream, self.max_message,
                                          self._streams.add, self._streams.discard, self.eager)

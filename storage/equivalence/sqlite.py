@@ -504,7 +504,8 @@ class SqliteEquivalenceDB:
         c.execute(self._insert_outhash_sql(data), data)
         eq = self._equivalent(method, outhash, taskhash)
         unihash = eq["unihash"] if eq else client_unihash
-        c.execute(self._INSERT_UNIHASH, (method, taskhash, unihash))
+        if c.execute(self._INSERT_UNIHASH, (method, taskhash, unihash)).rowcount == 1:
+            return {"taskhash": taskhash, "method": method, "unihash": unihash}  # ours is stored
         stored = c.execute(
             "SELECT unihash FROM unihashes_v3 WHERE method = ? AND taskhash = ?", (method, taskhash)
         ).fetchall()

@@ -1,0 +1,68 @@
+"""The hashserv face of the real `sstate-proxy serve` process: every transport on one database
+with the mirror, several workers sharing the raw listeners, and reports that the mirror's
+rewrite uses at once."""
+
+from __future__ import annotations
+
+import http.client
+import os
+from urllib.parse import quote
+
+import pytest
+
+from tests.corpus import make_corpus
+from tests.hashserv_client import connect
+from tests.service import free_port
+
+ADMIN = ("admin", "admin-token-for-tests")
+
+
+def head(svc, key: str):
+    conn = http.client.HTTPConnection("127.0.0.1", svc.port, timeout=10)
+    try:
+        conn.request("HEAD", "/" + quote(key))
+        resp = conn.getresponse()
+        resp.read()
+        return resp
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+async def test_every_transport_on_one_database_with_the_mirror(service_factory, tmp_path, workers):
+    sock_path = tmp_path / "hs.sock"
+    tcp_port = free_port()
+    env = {"SSTATE_PROXY_ADMIN_USER": ADMIN[0], "SSTATE_PROXY_ADMIN_TOKEN": ADMIN[1]}
+    unix_svc = service_factory("unix", env=env, args=["--workers", str(workers),
+                                                      "--hashserv-bind", f"unix://{sock_path}"])
+    corpus = make_corpus(unix_svc.storage, n=40, seed=11, equiv_fraction=0.5)
+    unix_svc.start()
+    tcp_svc = service_factory("tcp", env=env, args=["--workers", str(workers), "--database",
+                                                    f"sqlite:///{unix_svc.database}",
+                                                    "--hashserv-bind", f"127.0.0.1:{tcp_port}"])
+    tcp_svc.start()  # a second service on the same database, as a second replica would be
+    addresses = [f"unix://{sock_path}", f"127.0.0.1:{tcp_port}", f"ws://127.0.0.1:{unix_svc.port}/ws",
+                 f"ws://127.0.0.1:{unix_svc.port}/"]
+    clients = [await connect(a, *ADMIN) for a in addresses]
+    try:
+        for i, d in enumerate(corpus.details):
+            reporter = clients[i % len(clients)]
+            # the first builder's report, then a second taskhash with the same output
+            await reporter.report_unihash(d.unihash, d.method, d.outhash, d.unihash)
+            res = await reporter.report_unihash(d.taskhash, d.method, d.outhash, d.taskhash)
+            assert res["unihash"] == d.unihash
+            # the mirror's rewrite uses it at once (in the reporting service's process)
+            resp = head(unix_svc, d.taskhash_key)
+            if i % len(clients) != 1:  # reported through unix_svc itself
+                assert resp.status == 200 and resp.getheader("X-Sstate-Source") == "equivalent"
+        for c in clients:  # every transport sees every report
+            got = await c.get_unihash_batch([(d.method, d.taskhash) for d in corpus.details])
+            assert got == [d.unihash for d in corpus.details]
+        for d in corpus.details:
+            assert head(unix_svc, d.taskhash_key).status == 200
+    finally:
+        for c in clients:
+            await c.close()
+    assert tcp_svc.stop() == 0
+    assert unix_svc.stop() == 0
+    assert not os.path.exists(sock_path)  # the supervisor removes its socket
