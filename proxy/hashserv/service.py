@@ -29,14 +29,6 @@ BACKFILL_MAX = 100_000
 UPSTREAM_RETRY_S = 5.0
 
 
-def _answers_in_loop(db: EquivalenceDB) -> bool:
-    try:
-        from storage.equivalence.sqlite import SqliteEquivalenceDB
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(db, SqliteEquivalenceDB)
-
-
 class HashservService:
     """bitbake-hashserv's protocol over every transport, on one equivalence database.
 
@@ -56,7 +48,8 @@ class HashservService:
         self.max_connections = cfg.limits.max_hashserv_connections
         # Drive tcp/unix connections without a Task per wake-up when the database answers from
         # the event loop (see framing.StreamIO): one event-loop iteration per request.
-        self.eager = _answers_in_loop(db)
+        # a database that answers from the event loop lets connections skip a task per request
+        self.eager = getattr(db, "answers_in_loop", False)
         self.table = build_table(self.read_only)
         self.stats = Stats()
         self.listeners: list[Listener] = []

@@ -33,6 +33,11 @@ class User:
 
 
 class EquivalenceDB(Protocol):
+    #: True when every call completes without waiting on I/O threads or the network (an
+    #: embedded database answering in the event loop); the protocol faces may then drive
+    #: requests straight from socket callbacks instead of one task per request.
+    answers_in_loop: bool
+
     # --- lookups -------------------------------------------------------------------------
     async def get_unihash(self, method: str, taskhash: str) -> Row | None:
         """{taskhash, method, unihash} from unihashes_v3, or None."""
