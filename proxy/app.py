@@ -59,29 +59,36 @@ class AccessLogger(AbstractAccessLogger):
     stream = sys.stderr
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        cls = AccessLogger
+        self.emit(request.method, request.path_qs, response.status, response.body_length,
+                  request.get("source", "-"), time, request.get("rid", "-"))
+
+    @classmethod
+    def emit(cls, method: str, path_qs: str, status: int, nbytes: int, source: str, seconds: float,
+             rid: str) -> None:
+        """Queue one access line (also called by the HEAD fast path, proxy/fasthead.py)."""
+        shared = AccessLogger
         now = time_now()
         second = int(now)
-        if second != cls._stamp_second:
-            cls._stamp_second = second
-            cls._stamp = _time.strftime("%Y-%m-%dT%H:%M:%S", _time.gmtime(second))
-        stamp = f"{cls._stamp}.{int((now - second) * 1000):03d}Z"
-        if self.json_format:
+        if second != shared._stamp_second:
+            shared._stamp_second = second
+            shared._stamp = _time.strftime("%Y-%m-%dT%H:%M:%S", _time.gmtime(second))
+        stamp = f"{shared._stamp}.{int((now - second) * 1000):03d}Z"
+        if cls.json_format:
             line = json.dumps({
-                "time": stamp, "method": request.method, "path": request.path_qs,
-                "status": response.status, "bytes": response.body_length,
-                "source": request.get("source", "-"), "ms": round(time * 1000.0, 2),
-                "rid": request.get("rid", "-"),
+                "time": stamp, "method": method, "path": path_qs,
+                "status": status, "bytes": nbytes,
+                "source": source, "ms": round(seconds * 1000.0, 2),
+                "rid": rid,
             })
         else:
-            line = (f"{stamp} access {request.method} {request.path_qs} {response.status} "
-                    f"{response.body_length} {request.get('source', '-')} {time * 1000.0:.2f}ms "
-                    f"rid={request.get('rid', '-')}")
-        cls._lines.append(line)
-        if len(cls._lines) >= ACCESS_FLUSH_LINES:
-            cls.flush()
-        elif cls._flush_handle is None:
-            cls._flush_handle = asyncio.get_running_loop().call_later(ACCESS_FLUSH_S, cls.flush)
+            line = (f"{stamp} access {method} {path_qs} {status} "
+                    f"{nbytes} {source} {seconds * 1000.0:.2f}ms "
+                    f"rid={rid}")
+        shared._lines.append(line)
+        if len(shared._lines) >= ACCESS_FLUSH_LINES:
+            shared.flush()
+        elif shared._flush_handle is None:
+            shared._flush_handle = asyncio.get_running_loop().call_later(ACCESS_FLUSH_S, shared.flush)
 
     @classmethod
     def flush(cls) -> None:

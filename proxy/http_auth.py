@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Mapping
 
 from aiohttp import web
 
@@ -28,33 +29,41 @@ async def identify(request: web.Request, auth: Auth) -> Identity:
     cached = request.get(IDENTITY_KEY)
     if cached is not None:
         return cached
-    header = request.headers.get("Authorization")
-    if not header:
-        ident = auth.anonymous()
-    else:
-        scheme, _, value = header.partition(" ")
-        if scheme.lower() != "basic" or not value:
-            raise _unauthorized("unsupported Authorization scheme (use Basic user:token)")
-        try:
-            decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
-        except (binascii.Error, UnicodeDecodeError):
-            raise _unauthorized("malformed Basic credentials") from None
-        username, sep, token = decoded.partition(":")
-        if not sep or not username:
-            raise _unauthorized("malformed Basic credentials")
-        found = await auth.authenticate(username, token)
-        if found is None:
-            raise _unauthorized("wrong credentials")
-        ident = found
-    request[IDENTITY_KEY] = ident
+    ident = request[IDENTITY_KEY] = await identify_headers(request.headers, auth)
     return ident
 
 
-async def require(request: web.Request, auth: Auth, *perms: str) -> Identity:
-    """Identity of the caller if it holds ``perms``; else 401 (anonymous) or 403 (logged in)."""
-    ident = await identify(request, auth)
+async def identify_headers(h: Mapping[str, str], auth: Auth) -> Identity:
+    """The identity the request headers ``h`` (case-insensitive mapping) carry; raises 401 for
+    malformed or wrong credentials."""
+    header = h.get("Authorization")
+    if not header:
+        return auth.anonymous()
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "basic" or not value:
+        raise _unauthorized("unsupported Authorization scheme (use Basic user:token)")
+    try:
+        decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        raise _unauthorized("malformed Basic credentials") from None
+    username, sep, token = decoded.partition(":")
+    if not sep or not username:
+        raise _unauthorized("malformed Basic credentials")
+    found = await auth.authenticate(username, token)
+    if found is None:
+        raise _unauthorized("wrong credentials")
+    return found
+
+
+def check(ident: Identity, auth: Auth, perms: tuple[str, ...]) -> Identity:
+    """``ident`` if it holds ``perms``; else raises 401 (anonymous) or 403 (logged in)."""
     if auth.allowed(ident, perms):
         return ident
     if ident.username is None:
         raise _unauthorized(f"authentication required for {' '.join(perms)}")
     raise web.HTTPForbidden(text=f"{ident.username} lacks {' '.join(perms)}\n")
+
+
+async def require(request: web.Request, auth: Auth, *perms: str) -> Identity:
+    """Identity of the caller if it holds ``perms``; else 401 (anonymous) or 403 (logged in)."""
+    return check(await identify(request, auth), auth, perms)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
 from email.utils import formatdate, parsedate_to_datetime
 
 from aiohttp import web
@@ -24,6 +25,7 @@ log = logging.getLogger("sstate_proxy.mirror")
 SOURCE_HEADER = "X-Sstate-Source"
 SERVED_HASH_HEADER = "X-Sstate-Served-Hash"
 RETRY_AFTER_S = "5"
+NO_BODY = frozenset((304, 412, 416))  # finished answers of plan(): headers only
 
 
 class RangeNotSatisfiable(Exception):
@@ -101,6 +103,64 @@ def _etag_matches(header: str, etag: str, weak: bool) -> bool:
     return False
 
 
+def not_found() -> web.HTTPNotFound:
+    return web.HTTPNotFound(text="no such object\n")
+
+
+def unavailable(key: str, e: Exception) -> web.HTTPServiceUnavailable:
+    log.warning("store unavailable for %s: %s", key, e)
+    return web.HTTPServiceUnavailable(
+        text="storage unavailable, retry later\n", headers={"Retry-After": RETRY_AFTER_S}
+    )
+
+
+def preconditions(h: Mapping[str, str], meta: Meta, etag: str) -> int | None:
+    """304/412 per RFC 9110 section 13, or None to go on."""
+    if (im := h.get("If-Match")) is not None and not _etag_matches(im, etag, weak=False):
+        return 412
+    if im is None and (ius := _parse_http_date(h.get("If-Unmodified-Since"))) is not None:
+        if int(meta.mtime) > ius:
+            return 412
+    inm = h.get("If-None-Match")
+    if inm is not None:
+        if _etag_matches(inm, etag, weak=True):
+            return 304
+    elif (ims := _parse_http_date(h.get("If-Modified-Since"))) is not None:
+        if int(meta.mtime) <= ims:
+            return 304
+    return None
+
+
+def plan(h: Mapping[str, str], meta: Meta, headers: dict) -> tuple[int, int, int]:
+    """(status, start, length) of the answer to GET/HEAD with request headers ``h``; adds the
+    validators (and Content-Range) to ``headers``. A status in NO_BODY (304/412/416) is final."""
+    etag = headers["ETag"] = f'"{meta.etag}"'
+    headers["Last-Modified"] = _http_date(meta.mtime)
+    headers["Accept-Ranges"] = "bytes"
+    early = preconditions(h, meta, etag)
+    if early is not None:
+        return early, 0, 0
+    rng_header = h.get("Range")
+    if rng_header and (if_range := h.get("If-Range")):
+        if if_range.startswith(('"', "W/")):
+            if if_range != etag:
+                rng_header = None
+        else:
+            ts = _parse_http_date(if_range)
+            if ts is None or int(meta.mtime) > ts:
+                rng_header = None
+    try:
+        rng = parse_range(rng_header, meta.size)
+    except RangeNotSatisfiable:
+        headers["Content-Range"] = f"bytes */{meta.size}"
+        return 416, 0, 0
+    if rng is None:
+        return 200, 0, meta.size
+    start, length = rng
+    headers["Content-Range"] = f"bytes {start}-{start + length - 1}/{meta.size}"
+    return 206, start, length
+
+
 class Mirror:
     def __init__(self, store: ObjectStore, resolver: Resolver, auth, metrics: Metrics, prefix: str) -> None:
         self.store = store
@@ -110,7 +170,11 @@ class Mirror:
         self.prefix = prefix
 
     def key_of(self, request: web.Request) -> tuple[str, names.SstateName | None]:
-        raw = request.raw_path.split("?", 1)[0]
+        return self.key_of_raw(request.raw_path)
+
+    def key_of_raw(self, raw_path: str) -> tuple[str, names.SstateName | None]:
+        """The key for a request target as received (raises 404 outside the prefix, 400 bad path)."""
+        raw = raw_path.split("?", 1)[0]
         if not raw.startswith(self.prefix):
             raise web.HTTPNotFound(text="not under the mirror prefix\n")
         try:
@@ -127,102 +191,61 @@ class Mirror:
         except StoreUnavailable as e:
             # Only reachable before the response started: a failure mid-body aborts the
             # connection, which wget notices (Content-Length) and resumes with Range.
-            log.warning("store unavailable for %s: %s", key, e)
-            raise web.HTTPServiceUnavailable(
-                text="storage unavailable, retry later\n", headers={"Retry-After": RETRY_AFTER_S}
-            ) from None
+            raise unavailable(key, e) from None
 
-    async def _get_or_head(self, request: web.Request, key: str, name: names.SstateName | None):
+    async def answer(self, method: str, h: Mapping[str, str], key: str, name: names.SstateName | None
+                     ) -> tuple[Resolution | None, dict, int, int, int]:
+        """What GET/HEAD of ``key`` answers, given the request headers ``h`` (any mapping with
+        case-insensitive ``get``): (resolution, response headers, status, start, length).
+        Resolution None is a miss (404); a status in NO_BODY is a finished 304/412/416.
+        Shared by the aiohttp handler and the HEAD fast path (proxy/fasthead.py)."""
         res = await self.resolver.resolve(key, name)
-        method = request.method
         if res is None:
             self.metrics.object_request(method, "miss")
-            request["source"] = "miss"
-            raise web.HTTPNotFound(text="no such object\n")
+            return None, {}, 404, 0, 0
         self.metrics.object_request(method, res.source)
-        request["source"] = res.source
         headers = {SOURCE_HEADER: res.source}
         if res.source == "equivalent":
             headers[SERVED_HASH_HEADER] = res.served_hash
+        status, start, length = plan(h, res.meta, headers)
+        if status not in NO_BODY:
+            headers["Content-Type"] = "application/octet-stream"
+            headers["Content-Length"] = str(length)
+        return res, headers, status, start, length
+
+    async def _get_or_head(self, request: web.Request, key: str, name: names.SstateName | None):
+        method = request.method
+        res, headers, status, start, length = await self.answer(method, request.headers, key, name)
+        if res is None:
+            request["source"] = "miss"
+            raise not_found()
+        request["source"] = res.source
+        if status in NO_BODY:
+            return web.Response(status=status, headers=headers)
+        resp = web.StreamResponse(status=status, headers=headers)
         if method == "HEAD":
-            return await self._head(request, res.meta, headers)
-        return await self._get(request, res, headers)
+            await resp.prepare(request)  # aiohttp sends no body for HEAD
+            await resp.write_eof()
+            return resp
+        return await self._get(request, res, resp, start, length)
 
     # -- responses -------------------------------------------------------------------------
 
-    def _preconditions(self, request: web.Request, meta: Meta, headers: dict) -> web.Response | None:
-        """304/412 per RFC 9110 section 13, or None to go on."""
-        etag = f'"{meta.etag}"'
-        h = request.headers
-        if (im := h.get("If-Match")) is not None and not _etag_matches(im, etag, weak=False):
-            return web.Response(status=412, headers=headers)
-        if im is None and (ius := _parse_http_date(h.get("If-Unmodified-Since"))) is not None:
-            if int(meta.mtime) > ius:
-                return web.Response(status=412, headers=headers)
-        inm = h.get("If-None-Match")
-        if inm is not None:
-            if _etag_matches(inm, etag, weak=True):
-                return web.Response(status=304, headers=headers)
-        elif (ims := _parse_http_date(h.get("If-Modified-Since"))) is not None:
-            if int(meta.mtime) <= ims:
-                return web.Response(status=304, headers=headers)
-        return None
-
-    def _plan(self, request: web.Request, meta: Meta, headers: dict) -> tuple[int, int, int] | web.Response:
-        """(status, start, length) for the body, or a finished response (304/412/416)."""
-        headers["ETag"] = f'"{meta.etag}"'
-        headers["Last-Modified"] = _http_date(meta.mtime)
-        headers["Accept-Ranges"] = "bytes"
-        early = self._preconditions(request, meta, headers)
-        if early is not None:
-            return early
-        rng_header = request.headers.get("Range")
-        if rng_header and (if_range := request.headers.get("If-Range")):
-            if if_range.startswith(('"', "W/")):
-                if if_range != headers["ETag"]:
-                    rng_header = None
-            else:
-                ts = _parse_http_date(if_range)
-                if ts is None or int(meta.mtime) > ts:
-                    rng_header = None
-        try:
-            rng = parse_range(rng_header, meta.size)
-        except RangeNotSatisfiable:
-            headers["Content-Range"] = f"bytes */{meta.size}"
-            return web.Response(status=416, headers=headers)
-        if rng is None:
-            return 200, 0, meta.size
-        start, length = rng
-        headers["Content-Range"] = f"bytes {start}-{start + length - 1}/{meta.size}"
-        return 206, start, length
-
-    async def _head(self, request: web.Request, meta: Meta, headers: dict) -> web.StreamResponse:
-        plan = self._plan(request, meta, headers)
-        if isinstance(plan, web.Response):
-            return plan
-        status, _start, length = plan
-        resp = self._response(status, length, headers)
-        await resp.prepare(request)  # aiohttp sends no body for HEAD
-        await resp.write_eof()
-        return resp
-
-    async def _get(self, request: web.Request, res: Resolution, headers: dict) -> web.StreamResponse:
-        plan = self._plan(request, res.meta, headers)
-        if isinstance(plan, web.Response):
-            return plan
-        status, start, length = plan
+    async def _get(self, request: web.Request, res: Resolution, resp: web.StreamResponse,
+                   start: int, length: int) -> web.StreamResponse:
+        headers = resp.headers
         body = await self.store.open(
             res.key, start, length, allow_redirect=request.headers.get("Authorization") is None
         )
         if body is None:  # vanished between stat and open
             self.resolver.invalidate()
-            raise web.HTTPNotFound(text="no such object\n")
+            raise not_found()
         if isinstance(body, RedirectURL):
+            del headers["Content-Type"], headers["Content-Length"]
             return web.Response(status=307, headers={**headers, "Location": body.url})
         if isinstance(body, LocalFile):
-            return await self._sendfile(request, body.path, status, start, length, headers)
+            return await self._sendfile(request, body.path, resp, start, length)
         assert isinstance(body, ByteStream)
-        resp = self._response(status, length, headers)
         await resp.prepare(request)
         sent = 0
         try:
@@ -237,23 +260,16 @@ class Mirror:
         await resp.write_eof()
         return resp
 
-    @staticmethod
-    def _response(status: int, length: int, headers: dict) -> web.StreamResponse:
-        headers["Content-Type"] = "application/octet-stream"
-        headers["Content-Length"] = str(length)
-        return web.StreamResponse(status=status, headers=headers)
-
     async def _sendfile(
-        self, request: web.Request, path: str, status: int, start: int, length: int, headers: dict
+        self, request: web.Request, path: str, resp: web.StreamResponse, start: int, length: int
     ) -> web.StreamResponse:
         """Send [start, start+length) of a local file with sendfile(2) (plain read over TLS)."""
         try:
             fobj = open(path, "rb")  # noqa: SIM115 - closed below, after the transfer
         except FileNotFoundError:
             self.resolver.invalidate()
-            raise web.HTTPNotFound(text="no such object\n") from None
+            raise not_found() from None
         try:
-            resp = self._response(status, length, headers)
             await resp.prepare(request)
             transport = request.transport
             if transport is None:
