@@ -34,6 +34,7 @@ from proxy.auth import (
     parse_permissions,
 )
 from proxy.hashserv.framing import ConnectionClosed, MessageIO, ProtocolError, dumps, loads
+from proxy.reports import is_valid_unihash
 
 if TYPE_CHECKING:
     from proxy.hashserv import HashservService
@@ -42,18 +43,12 @@ log = logging.getLogger("sstate_proxy.hashserv")
 
 PROTO_NAME = "OEHASHEQUIV"
 MAX_HEADERS = 256
-_HEX = frozenset("0123456789abcdef")
 _REPORT_ONLY = frozenset((REPORT_PERM,))
 REPORT_EXTRA_KEYS = ("owner", "PN", "PV", "PR", "task", "outhash_siginfo")
 
 
 class InvokeError(Exception):
     """Sent to the client as {"invoke-error": {"message": str(e)}}; the connection then closes."""
-
-
-def is_valid_unihash(value: Any) -> bool:
-    """``^[0-9a-f]{64}$`` on a str, as bitbake's ``is_valid_unihash``."""
-    return type(value) is str and len(value) == 64 and _HEX.issuperset(value)
 
 
 def validate_unihash(value: Any) -> None:
