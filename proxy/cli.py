@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     for leaf in (ua, ul, ud, ut, up):  # `user add NAME --config FILE`, like every other command
         _add_config_args(leaf)
 
-    st = sub.add_parser("stats", help="print database and store statistics as JSON")
+    st = sub.add_parser("stats", help="print equivalence-database and dedup statistics as JSON")
     _add_config_args(st)
 
     from proxy import operations  # the import/gc commands live beside their code
