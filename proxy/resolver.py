@@ -64,19 +64,24 @@ class Resolver:
 
     async def resolve(self, key: str, name: SstateName | None) -> Resolution | None:
         """The object to serve for ``key``, or None (a miss)."""
+        if name is not None and self._positive:
+            # A known rewrite first: it saves the failing stat of ``key`` on every HEAD of a
+            # rewritten path. If ``key`` itself is stored later, the equivalent object stays a
+            # valid answer until the cache is dropped (an upload here drops it at once).
+            await self._check_generation()
+            cached = self._positive.get(key)
+            if cached is not None:
+                served_key, served_hash, source = cached
+                meta = await self.store.stat(served_key)
+                if meta is not None:
+                    return Resolution(served_key, meta, served_hash, source)
+                del self._positive[key]
         meta = await self.store.stat(key)
         if meta is not None:
             return Resolution(key, meta, name.hash if name else "", "hit")
         if name is None:
             return None
         await self._check_generation()
-        cached = self._positive.get(key)
-        if cached is not None:
-            served_key, served_hash, source = cached
-            meta = await self.store.stat(served_key)
-            if meta is not None:
-                return Resolution(served_key, meta, served_hash, source)
-            del self._positive[key]
         expiry = self._negative.get(key)
         if expiry is not None:
             if expiry > time.monotonic():
