@@ -21,6 +21,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def read_status_line(sock: socket.socket) -> bytes:
+    """Bytes received up to (at least) the end of the response's status line; b"" if closed."""
+    data = b""
+    while b"\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
 def write_config(path: Path, sections: dict) -> Path:
     """Tiny TOML writer for test configs (strings, numbers, bools, lists of strings)."""
 

@@ -17,7 +17,7 @@ import pytest
 from tests.bbfetch import BitbakeMirrorClient
 from tests.corpus import make_corpus
 from tests.s3server import TEST_ENV, MotoServer
-from tests.service import REPO, Service
+from tests.service import REPO, Service, read_status_line
 
 
 def request(svc: Service, method: str, path: str, headers: dict | None = None, conn=None):
@@ -35,12 +35,7 @@ def raw_request(port: int, raw_target: bytes, method: bytes = b"GET") -> int:
     """Send a request line exactly as given (no client-side normalisation); the status code."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         s.sendall(method + b" " + raw_target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        data = b""
-        while b"\r\n" not in data:
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            data += chunk
+        data = read_status_line(s)
     return int(data.split(b" ", 2)[1])
 
 

@@ -24,7 +24,7 @@ from urllib.parse import quote
 import pytest
 import zstandard
 
-from tests.service import Service
+from tests.service import Service, read_status_line
 
 ADMIN = ("admin", "admin-secret-token")
 MAX_UPLOAD = 2 * 1024 * 1024
@@ -108,12 +108,7 @@ def raw_put(port: int, key: str, headers: dict, body: bytes, *, send: int | None
             s.shutdown(socket.SHUT_WR)
         if not read:
             return None
-        data = b""
-        while b"\r\n" not in data:
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            data += chunk
+        data = read_status_line(s)
         return int(data.split(b" ", 2)[1]) if data else None
     finally:
         s.close()
@@ -403,12 +398,7 @@ def test_sigkill_during_upload_storm(tmp_path):
                 for i in range(0, len(body), 65536):  # slowly, so uploads are in flight at the kill
                     sock.sendall(body[i:i + 65536])
                     time.sleep(0.005)
-                data = b""
-                while b"\r\n" not in data:
-                    chunk = sock.recv(4096)
-                    if not chunk:
-                        break
-                    data += chunk
+                data = read_status_line(sock)
                 sock.close()
                 if data.startswith(b"HTTP/1.1 201"):
                     with lock:
