@@ -65,10 +65,6 @@ class Identity:
 
     anonymous: ClassVar[Identity]
 
-    @property
-    def is_anonymous(self) -> bool:
-        return self.username is None
-
     @classmethod
     def from_user(cls, user: User) -> Identity:
         return cls(user.username, frozenset(user.permissions))

@@ -12,10 +12,10 @@ import tomllib
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-PERMISSIONS = ("@none", "@read", "@report", "@db-admin", "@user-admin", "@upload", "@all")
+from proxy.auth import parse_anon_perms
 
 
-class ConfigError(Exception):
+class ConfigError(ValueError):
     """A configuration value is wrong; str() is one line naming the key."""
 
 
@@ -154,13 +154,6 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
-def parse_perms(key: str, perms: tuple[str, ...]) -> tuple[str, ...]:
-    bad = [p for p in perms if p not in PERMISSIONS]
-    if bad:
-        raise ConfigError(f"{key}: unknown permission(s) {', '.join(bad)} (known: {' '.join(PERMISSIONS)})")
-    return tuple(sorted(set(p for p in perms if p != "@none")))
-
-
 def validate(cfg: Config) -> Config:
     """Checks that cross keys or need more than a type; returns the normalised config."""
     s = cfg.server
@@ -196,11 +189,12 @@ def validate(cfg: Config) -> Config:
     if cfg.equivalence.negative_ttl_s < 0 or cfg.equivalence.negative_ttl_s > 5:
         raise ConfigError("equivalence.negative_ttl_s: must be between 0 and 5 seconds")
     h = cfg.hashserv
-    anon = parse_perms("hashserv.anon_perms", h.anon_perms)
-    if "@all" in anon or "@user-admin" in anon:
-        raise ConfigError("hashserv.anon_perms: anonymous users cannot have @all or @user-admin")
+    try:
+        anon = tuple(sorted(parse_anon_perms(h.anon_perms)))
+    except ValueError as e:
+        raise ConfigError(f"hashserv.anon_perms: {e}") from None
     if h.bind:
-        hashserv_bind_kind("hashserv.bind", h.bind)
+        parse_hashserv_bind("hashserv.bind", h.bind)
     if h.read_only and h.upstream:
         raise ConfigError("hashserv.upstream: an upstream cannot be used with read_only")
     if bool(cfg.auth.admin_user) != bool(cfg.auth.admin_token):
@@ -225,16 +219,22 @@ def split_bind(key: str, bind: str) -> tuple[str, int]:
     return host or "0.0.0.0", int(port)
 
 
-def hashserv_bind_kind(key: str, bind: str) -> str:
-    """'unix' or 'tcp'; raises for anything bitbake could not connect to."""
+def parse_hashserv_bind(key: str, bind: str) -> tuple[str, Any]:
+    """``unix://PATH`` -> ('unix', path); ``host:port`` / ``[v6]:port`` -> ('tcp', (host, port)),
+    host None for all interfaces. Anything bitbake could not connect to raises ConfigError."""
     if bind.startswith("unix://"):
-        if len(bind) <= len("unix://"):
+        path = bind[len("unix://"):]
+        if not path:
             raise ConfigError(f"{key}: unix:// needs a path")
-        return "unix"
+        return "unix", path
     if "://" in bind:
         raise ConfigError(f"{key}: must be host:port or unix:///path, not {bind!r}")
-    split_bind(key, bind)
-    return "tcp"
+    host, sep, port = bind.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{key}: must be host:port or unix:///path, not {bind!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return "tcp", (host or None, int(port))
 
 
 # --- loading -------------------------------------------------------------------------------

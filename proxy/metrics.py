@@ -1,7 +1,7 @@
 """Counters of what the mirror and the equivalence faces did, exported for Prometheus.
 
 One registry per process (each worker counts its own requests; Prometheus sums the scrapes or
-the ``pid`` label tells them apart). ``snapshot()`` gives plain numbers for tests and `stats`.
+the ``pid`` label tells them apart).
 """
 
 from __future__ import annotations
@@ -59,13 +59,6 @@ class Metrics:
 
     def equivalence(self, face: str, message: str) -> None:
         self.equiv_requests.labels(face, message, self._pid).inc()
-
-    def snapshot(self) -> dict[str, float]:
-        """{"hit": n, "equivalent": n, "miss": n, ...} summed over methods, for tests and stats."""
-        out = {s: 0.0 for s in SOURCES}
-        for (_method, source), child in self._obj_children.items():
-            out[source] = out.get(source, 0.0) + child._value.get()
-        return out
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -24,6 +24,7 @@ from typing import Any
 
 from aiohttp import web
 
+from proxy.config import parse_hashserv_bind
 from proxy.hashserv.framing import StreamIO
 
 log = logging.getLogger("sstate_proxy.hashserv")
@@ -34,19 +35,7 @@ UNIX_PATH_MAX = 100
 
 def parse_bind(bind: str) -> tuple[str, Any]:
     """``unix://PATH`` -> ('unix', path); ``host:port`` / ``[v6]:port`` -> ('tcp', (host, port))."""
-    if bind.startswith("unix://"):
-        path = bind[len("unix://"):]
-        if not path:
-            raise ValueError("unix:// needs a path")
-        return "unix", path
-    if "://" in bind:
-        raise ValueError(f"bad hashserv bind address {bind!r} (host:port or unix:///path)")
-    host, sep, port = bind.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"bad hashserv bind address {bind!r} (host:port or unix:///path)")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return "tcp", (host or None, int(port))
+    return parse_hashserv_bind("hashserv.bind", bind)
 
 
 class Listener:
