@@ -169,6 +169,17 @@ def _conditions(columns: Iterable[str], where: dict[str, Any], table: str = "") 
     return " AND ".join(f"{prefix}{c} = :{c}" for c in params), params
 
 
+def _begin_and_run(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
+    """``fn`` inside a new IMMEDIATE transaction, rolled back if it raises; on success the
+    transaction is left open for the caller to commit (or roll back when nothing changed)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        return fn(conn)
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
 class SqliteEquivalenceDB:
     """bitbake-hashserv's sqlite database behind the EquivalenceDB interface."""
 
@@ -248,12 +259,7 @@ class SqliteEquivalenceDB:
         self._writable()
         conn = self._conn
         before = conn.total_changes
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            result = fn(conn)
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+        result = _begin_and_run(conn, fn)
         # A transaction that changed nothing (ignored INSERT OR IGNORE) is rolled back: a commit
         # would still move other connections' data_version and flush their caches for nothing.
         if conn.total_changes == before:
@@ -295,12 +301,7 @@ class SqliteEquivalenceDB:
         def run_on(conn: sqlite3.Connection) -> T:
             if not write:
                 return fn(conn)
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                result = fn(conn)
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+            result = _begin_and_run(conn, fn)
             conn.execute("COMMIT")
             return result
 
