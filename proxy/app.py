@@ -150,7 +150,7 @@ async def _startup(app: web.Application) -> None:
     cfg = app[CONFIG]
     parts = app[PARTS]
     store = open_store(cfg)
-    await store.start()
+    await store.start(housekeeping=parts.get("housekeeping", True))
     db = open_equivalence_db(cfg.database.url, read_only=False)
     auth = Auth(db, cfg.hashserv.anon_perms)
     resolver = Resolver(db, store, cfg.equivalence)
@@ -177,17 +177,20 @@ async def _cleanup(app: web.Application) -> None:
                 log.exception("error while closing %s", name)
 
 
-def build_app(cfg: Config, *, skip_listeners: bool = False, hashserv_sock=None) -> web.Application:
+def build_app(cfg: Config, *, skip_listeners: bool = False, hashserv_sock=None,
+              housekeeping: bool = True) -> web.Application:
     """The whole service as one Application. ``skip_listeners``: no raw hashserv listener;
     ``hashserv_sock``: serve the raw hashserv protocol on this listening socket, bound by the
-    supervisor before it forked (workers share it) instead of binding ``[hashserv] bind``."""
+    supervisor before it forked (workers share it) instead of binding ``[hashserv] bind``;
+    ``housekeeping``: this process does the store's once-per-deployment chores (one worker)."""
     app = web.Application(
         middlewares=[request_id_middleware],
         client_max_size=cfg.limits.max_request_body_bytes,
     )
     app[CONFIG] = cfg
     app[METRICS] = Metrics()
-    app[PARTS] = {"skip_listeners": skip_listeners, "hashserv_sock": hashserv_sock}
+    app[PARTS] = {"skip_listeners": skip_listeners, "hashserv_sock": hashserv_sock,
+                  "housekeeping": housekeeping}
     app.on_startup.append(_startup)
     app.on_response_prepare.append(_add_request_id)
     app.on_cleanup.append(_cleanup)

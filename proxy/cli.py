@@ -108,7 +108,7 @@ def load_config(args: argparse.Namespace) -> Config:
 
 async def prepare(cfg: Config) -> None:
     """One-time start-up work done once, before workers fork: schema, admin user.
-    (Each store's start() removes the temp litter of an interrupted upload.)"""
+    (Worker 0's store.start() removes the temp litter of an interrupted upload.)"""
     from proxy.auth import Auth
     from storage.equivalence import open_equivalence_db
 
@@ -136,7 +136,7 @@ async def run_worker(cfg: Config, worker: int, hashserv_sock: socket.socket | No
     from proxy import fasthead
     from proxy.app import access_logger_class, build_app
 
-    app = build_app(cfg, hashserv_sock=hashserv_sock)
+    app = build_app(cfg, hashserv_sock=hashserv_sock, housekeeping=worker == 0)
     runner = web.AppRunner(
         app, access_log_class=access_logger_class(cfg), handle_signals=False,
         access_log=logging.getLogger("sstate_proxy.access"),

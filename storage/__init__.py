@@ -81,9 +81,11 @@ class PutResult:
 
 @runtime_checkable
 class ObjectStore(Protocol):
-    async def start(self) -> None:
+    async def start(self, *, housekeeping: bool = True) -> None:
         """Start background work once the event loop runs (the app calls it at start-up, before
-        serving): local removes temp litter of crashed uploads, S3 starts building its index.
+        serving): S3 starts building its index (every process needs its own). ``housekeeping``:
+        this process also does the once-per-deployment chores (local: remove the temp litter of
+        crashed uploads, a walk of the whole tree), so N workers do not walk it N times.
         Returns quickly; the store answers correctly (if more slowly) before that work is done."""
 
     async def stat(self, key: str) -> Meta | None:

@@ -176,9 +176,9 @@ class LocalStore:
 
     # --- lifecycle -----------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, *, housekeeping: bool = True) -> None:
         """Remove temp litter of crashed writers, in the background (the walk may be long)."""
-        if self._cleanup_task is None:
+        if housekeeping and self._cleanup_task is None:
             self._cleanup_task = asyncio.create_task(self._cleanup_logged(), name="localstore-cleanup")
 
     async def _cleanup_logged(self) -> int:

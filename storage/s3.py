@@ -297,7 +297,7 @@ class S3Store:
             return False
         return True
 
-    async def start(self) -> None:
+    async def start(self, *, housekeeping: bool = True) -> None:
         if self._use_index and self._index_task is None:
             self._index_task = asyncio.create_task(self._index_loop(), name="s3store-index")
 
