@@ -155,7 +155,7 @@ async def _startup(app: web.Application) -> None:
     auth = Auth(db, cfg.hashserv.anon_perms)
     resolver = Resolver(db, store, cfg.equivalence)
     reporter = Reporter(db, auth, read_only=cfg.hashserv.read_only, on_change=resolver.invalidate)
-    hashserv = HashservService(db, auth, cfg, on_change=resolver.invalidate)
+    hashserv = HashservService(db, auth, cfg, on_change=resolver.invalidate, reporter=reporter)
     if not parts.get("skip_listeners"):
         await hashserv.start(sock=parts.get("hashserv_sock"))
     parts.update(store=store, db=db, auth=auth, resolver=resolver, reporter=reporter, hashserv=hashserv)

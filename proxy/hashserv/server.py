@@ -441,8 +441,6 @@ class Connection:
         method = _str(arg, "method")
         outhash = _str(arg, "outhash")
         taskhash = _str(arg, "taskhash")
-        if self.service.read_only or not self.auth.allowed(self.identity, _REPORT_ONLY):
-            return await self._report_readonly(method, outhash, taskhash, unihash)
         row: dict[str, Any] = {"method": method, "outhash": outhash, "taskhash": taskhash}
         for k in REPORT_EXTRA_KEYS:
             v = arg.get(k)
@@ -450,12 +448,12 @@ class Connection:
                 if not isinstance(v, str | int | float) or isinstance(v, bool):
                     raise ProtocolError(f"{k} must be a string")
                 row[k] = v
+        if not self.service.upstream_address:
+            return await self.service.reporter.report(row, unihash, self.identity)
+        if not self.auth.allowed(self.identity, _REPORT_ONLY):  # (read-only servers have no upstream)
+            return await self._report_readonly(method, outhash, taskhash, unihash)
         if self.identity.username is not None:
             row["owner"] = self.identity.username
-        if not self.service.upstream_address:
-            result = await self.db.insert_report(row, unihash)
-            self._changed()
-            return result
         # With an upstream: the reference's steps, asking upstream when no local equivalent.
         db = self.db
         await db.insert_outhash(row)

@@ -21,6 +21,7 @@ from proxy.config import Config
 from proxy.hashserv.framing import StreamIO, WebSocketIO
 from proxy.hashserv.listeners import Listener, start_listener, start_on_socket, websocket_response
 from proxy.hashserv.server import Connection, Stats, build_table, is_valid_unihash
+from proxy.reports import Reporter
 from storage.equivalence import EquivalenceDB
 
 log = logging.getLogger("sstate_proxy.hashserv")
@@ -37,18 +38,19 @@ class HashservService:
     """
 
     def __init__(self, db: EquivalenceDB, auth: Auth, cfg: Config,
-                 on_change: Callable[[], None] | None = None) -> None:
+                 on_change: Callable[[], None] | None = None, reporter: Reporter | None = None) -> None:
         self.db = db
         self.auth = auth
         self.cfg = cfg
         self.on_change = on_change
         self.read_only = cfg.hashserv.read_only
+        # the report algorithm every face shares (proxy.reports); upstream reports add their own steps
+        self.reporter = reporter or Reporter(db, auth, read_only=self.read_only, on_change=on_change)
         self.upstream_address = "" if self.read_only else cfg.hashserv.upstream
         self.max_message = cfg.limits.max_message_bytes
         self.max_connections = cfg.limits.max_hashserv_connections
         # Drive tcp/unix connections without a Task per wake-up when the database answers from
         # the event loop (see framing.StreamIO): one event-loop iteration per request.
-        # a database that answers from the event loop lets connections skip a task per request
         self.eager = getattr(db, "answers_in_loop", False)
         self.table = build_table(self.read_only)
         self.stats = Stats()
