@@ -209,14 +209,14 @@ def validate(cfg: Config) -> Config:
     return replace(cfg, hashserv=replace(h, anon_perms=anon))
 
 
-def split_bind(key: str, bind: str) -> tuple[str, int]:
-    """`host:port` or `[v6]:port` -> (host, port)."""
+def split_bind(key: str, bind: str, any_host: str | None = "0.0.0.0") -> tuple[str | None, int]:
+    """`host:port` or `[v6]:port` -> (host, port); an empty host is ``any_host``."""
     host, sep, port = bind.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ConfigError(f"{key}: must be host:port, not {bind!r}")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
-    return host or "0.0.0.0", int(port)
+    return host or any_host, int(port)
 
 
 def parse_hashserv_bind(key: str, bind: str) -> tuple[str, Any]:
@@ -229,12 +229,7 @@ def parse_hashserv_bind(key: str, bind: str) -> tuple[str, Any]:
         return "unix", path
     if "://" in bind:
         raise ConfigError(f"{key}: must be host:port or unix:///path, not {bind!r}")
-    host, sep, port = bind.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"{key}: must be host:port or unix:///path, not {bind!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return "tcp", (host or None, int(port))
+    return "tcp", split_bind(key, bind, any_host=None)
 
 
 # --- loading -------------------------------------------------------------------------------
