@@ -151,7 +151,7 @@ async def _startup(app: web.Application) -> None:
     parts = app[PARTS]
     store = open_store(cfg)
     await store.start(housekeeping=parts.get("housekeeping", True))
-    db = open_equivalence_db(cfg.database.url, read_only=False)
+    db = open_equivalence_db(cfg.database.url, commit_interval_ms=cfg.database.commit_interval_ms)
     auth = Auth(db, cfg.hashserv.anon_perms)
     resolver = Resolver(db, store, cfg.equivalence)
     reporter = Reporter(db, auth, read_only=cfg.hashserv.read_only, on_change=resolver.invalidate)

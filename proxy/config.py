@@ -59,6 +59,7 @@ class StorageConfig:
 @dataclass(frozen=True)
 class DatabaseConfig:
     url: str = "sqlite:///./sstate-proxy.db"
+    commit_interval_ms: int = 5  # SQLite write-behind for reports; 0 = commit before answering
 
 
 @dataclass(frozen=True)
@@ -184,6 +185,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(
             f"database.url: must be sqlite:///path or postgresql://..., not {cfg.database.url!r}"
         )
+    if not 0 <= cfg.database.commit_interval_ms <= 1000:
+        raise ConfigError("database.commit_interval_ms: must be between 0 and 1000")
     if cfg.equivalence.class_limit < 0:
         raise ConfigError("equivalence.class_limit: must be >= 0")
     if cfg.equivalence.negative_ttl_s < 0 or cfg.equivalence.negative_ttl_s > 5:

@@ -77,8 +77,13 @@ def test_taskdata_fields_are_stored(reporting_service, tmp_path):
     t, o = h(9, "t"), h(9, "o")
     report(svc, t, o, t, PN="zlib", PV="1.3.1", PR="r0", task="do_package", outhash_siginfo="sig text")
     db = sqlite3.connect(svc.database)
-    row = db.execute("SELECT owner, PN, PV, PR, task, outhash_siginfo FROM outhashes_v2 WHERE taskhash=?",
-                     (t,)).fetchone()
+    deadline = time.monotonic() + 1.0  # another connection sees it once the window commits (5 ms)
+    while True:
+        row = db.execute("SELECT owner, PN, PV, PR, task, outhash_siginfo FROM outhashes_v2 WHERE taskhash=?",
+                         (t,)).fetchone()
+        if row is not None or time.monotonic() > deadline:
+            break
+        time.sleep(0.005)
     assert row == ("ci", "zlib", "1.3.1", "r0", "do_package", "sig text")
 
 

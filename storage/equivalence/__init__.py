@@ -147,8 +147,9 @@ class EquivalenceDB(Protocol):
         the aliases (not stored)}."""
 
 
-def open_equivalence_db(url: str, *, read_only: bool = False) -> EquivalenceDB:
-    """`sqlite:///path` (the embedded default) or `postgresql://...`."""
+def open_equivalence_db(url: str, *, read_only: bool = False, commit_interval_ms: int = 0) -> EquivalenceDB:
+    """`sqlite:///path` (the embedded default) or `postgresql://...`. ``commit_interval_ms``:
+    SQLite write-behind for reports (storage/equivalence/journal.py); 0 commits each one."""
     if url.startswith("sqlite://"):
         from storage.equivalence.sqlite import SqliteEquivalenceDB
 
@@ -158,7 +159,7 @@ def open_equivalence_db(url: str, *, read_only: bool = False) -> EquivalenceDB:
         path = url[len("sqlite:///"):]
         if not path:
             raise ValueError("sqlite url names no file")
-        return SqliteEquivalenceDB(path, read_only=read_only)
+        return SqliteEquivalenceDB(path, read_only=read_only, commit_interval_ms=commit_interval_ms)
     if url.startswith(("postgresql://", "postgres://")):
         from storage.equivalence.postgres import PostgresEquivalenceDB
 

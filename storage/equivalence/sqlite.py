@@ -38,9 +38,12 @@ Deviations from the reference (all deliberate):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -51,6 +54,7 @@ from storage.equivalence import (
     UNIHASH_COLUMNS,
     Row,
     User,
+    journal,
 )
 
 log = logging.getLogger("sstate_proxy.equivalence.sqlite")
@@ -63,6 +67,10 @@ BUSY_TIMEOUT_MS = 5000
 # stays on, at a larger size, as a backstop (and for other writers of the file).
 CHECKPOINT_EVERY = 256
 WAL_AUTOCHECKPOINT_PAGES = 10000
+# Waiting for the write lock: retry this often (and say so in the journal directory, so that a
+# process holding a write-behind transaction pauses COOLDOWN_S after its commit and lets us in).
+RETRY_S = 0.0003
+COOLDOWN_S = 0.002
 GC_MARK_NAME = "gc-mark"
 
 # Columns of unihashes_v3 that outhashes_v2 lacks: naming one of them in `remove` ties the
@@ -169,10 +177,45 @@ def _conditions(columns: Iterable[str], where: dict[str, Any], table: str = "") 
     return " AND ".join(f"{prefix}{c} = :{c}" for c in params), params
 
 
-def _begin_and_run(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
+def _is_busy(exc: sqlite3.Error) -> bool:
+    return (getattr(exc, "sqlite_errorcode", 0) & 0xFF) == sqlite3.SQLITE_BUSY
+
+
+def _try_begin(conn: sqlite3.Connection) -> bool:
+    """BEGIN IMMEDIATE without waiting: False if another connection holds the write lock."""
+    conn.execute("PRAGMA busy_timeout = 0")
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        return True
+    except sqlite3.OperationalError as exc:
+        if not _is_busy(exc):
+            raise
+        return False
+    finally:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+
+
+def _begin(conn: sqlite3.Connection, journal_dir: str | None) -> None:
+    """BEGIN IMMEDIATE, waiting up to BUSY_TIMEOUT_MS for the write lock in short sleeps and
+    telling a write-behind holder in another process that we wait (SQLite's own busy handler
+    sleeps 1, 2, 5, 10... ms and could keep missing the gaps between its transactions)."""
+    if journal_dir is None:  # :memory:, one connection
+        conn.execute("BEGIN IMMEDIATE")
+        return
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while not _try_begin(conn):
+        if time.monotonic() >= deadline:
+            conn.execute("BEGIN IMMEDIATE")  # SQLite's own wait, then its "database is locked"
+            return
+        journal.note_waiting(journal_dir)
+        time.sleep(RETRY_S)
+
+
+def _begin_and_run(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T],
+                   journal_dir: str | None = None) -> T:
     """``fn`` inside a new IMMEDIATE transaction, rolled back if it raises; on success the
     transaction is left open for the caller to commit (or roll back when nothing changed)."""
-    conn.execute("BEGIN IMMEDIATE")
+    _begin(conn, journal_dir)
     try:
         return fn(conn)
     except BaseException:
@@ -185,19 +228,31 @@ class SqliteEquivalenceDB:
 
     answers_in_loop = True  # point queries run inline: microseconds, no thread hop
 
-    def __init__(self, path: str, read_only: bool = False) -> None:
+    def __init__(self, path: str, read_only: bool = False, commit_interval_ms: int = 0) -> None:
+        """``commit_interval_ms`` > 0 turns on write-behind for reports (see journal.py): they
+        are answered once applied and journaled, and committed within that many ms."""
         self.path = path
         self.read_only = read_only
         self._memory = path == ":memory:" or path.startswith("file::memory:") or path == ""
+        self._journal_dir = None if self._memory or read_only else journal.directory_for(path)
+        self.commit_interval = commit_interval_ms / 1000 if self._journal_dir else 0.0
         self._heavy_lock = threading.Lock()
         self._conn = self._connect()
         if not read_only:
             self._migrate(self._conn)
+            self._replay_orphans()
         self._gen = 0
         self._gen_key = self._generation_key()
         self._commits = 0
         self._reports: list[tuple[dict[str, Any], str, asyncio.Future[Row]]] = []
         self._checkpoint: asyncio.Future[None] | None = None
+        # write-behind state: the open transaction ("window") and this process's journal
+        self._journal: journal.Journal | None = None
+        self._window = False
+        self._window_timer: asyncio.TimerHandle | None = None
+        self._waiting_seen = 0
+        self._cooldown_until = 0.0
+        self._needs_replay = False  # the journal holds writes the database has lost (rollback)
 
     # --- connection ------------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
@@ -216,10 +271,9 @@ class SqliteEquivalenceDB:
             conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}")
         return conn
 
-    @staticmethod
-    def _migrate(conn: sqlite3.Connection) -> None:
+    def _migrate(self, conn: sqlite3.Connection) -> None:
         """bitbake's open-time migration: create what is missing, lift unihashes_v2 to v3."""
-        conn.execute("BEGIN IMMEDIATE")
+        _begin(conn, self._journal_dir)
         try:
             for ddl in _SCHEMA:
                 conn.execute(ddl)
@@ -255,11 +309,14 @@ class SqliteEquivalenceDB:
         return rows[0] if rows else None
 
     def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run `fn` in one IMMEDIATE transaction on the main connection."""
+        """Run `fn` in one IMMEDIATE transaction on the main connection, committed before
+        returning (an open write-behind window is committed first)."""
         self._writable()
+        if self._window:
+            self._commit_window()
         conn = self._conn
         before = conn.total_changes
-        result = _begin_and_run(conn, fn)
+        result = _begin_and_run(conn, fn, self._journal_dir)
         # A transaction that changed nothing (ignored INSERT OR IGNORE) is rolled back: a commit
         # would still move other connections' data_version and flush their caches for nothing.
         if conn.total_changes == before:
@@ -294,14 +351,17 @@ class SqliteEquivalenceDB:
         self._checkpoint = loop.run_in_executor(None, run)
 
     async def _heavy(self, fn: Callable[[sqlite3.Connection], T], write: bool = True) -> T:
-        """Whole-table work: in a thread on its own connection (inline for :memory:)."""
+        """Whole-table work: in a thread on its own connection (inline for :memory:), after
+        committing this process's write-behind window so that the work sees those writes."""
         if write:
             self._writable()
+        if self._window:
+            self._commit_window()
 
         def run_on(conn: sqlite3.Connection) -> T:
             if not write:
                 return fn(conn)
-            result = _begin_and_run(conn, fn)
+            result = _begin_and_run(conn, fn, self._journal_dir)
             conn.execute("COMMIT")
             return result
 
@@ -473,10 +533,18 @@ class SqliteEquivalenceDB:
         self._writable()
         data = self._outhash_params(row)
         sql = self._insert_outhash_sql(data)
+        if self.commit_interval:
+            return await self._journaled(lambda c: c.execute(sql, data).rowcount > 0, lambda _: ["o", data])
         return self._write(lambda c: c.execute(sql, data).rowcount > 0)
 
     async def insert_unihash(self, method: str, taskhash: str, unihash: str) -> bool:
-        return self._write(lambda c: c.execute(self._INSERT_UNIHASH, (method, taskhash, unihash)).rowcount > 0)
+        def apply(c: sqlite3.Connection) -> bool:
+            return c.execute(self._INSERT_UNIHASH, (method, taskhash, unihash)).rowcount > 0
+
+        self._writable()
+        if self.commit_interval:
+            return await self._journaled(apply, lambda _: ["u", method, taskhash, unihash])
+        return self._write(apply)
 
     async def insert_report(self, row: Row, client_unihash: str) -> Row:
         """The write half of `report` in ONE transaction; returns the stored mapping.
@@ -488,13 +556,18 @@ class SqliteEquivalenceDB:
         (the reference's sqlite behaviour). Upstream fallbacks are the caller's business: a
         caller with an upstream uses the separate methods instead.
 
-        Group commit: reports made in the same event-loop iteration (concurrent clients) are
-        applied in arrival order inside one transaction, which gives exactly the results of
-        applying them one by one but costs one commit. If that transaction fails, each report
-        is retried in a transaction of its own so that one bad report fails alone.
+        With write-behind on, the report is applied in the open window, journaled and answered
+        (committed within ``commit_interval``). Otherwise, group commit: reports made in the
+        same event-loop iteration (concurrent clients) are applied in arrival order inside one
+        transaction, which gives exactly the results of applying them one by one but costs one
+        commit; if that transaction fails, each report is retried in a transaction of its own
+        so that one bad report fails alone.
         """
         self._writable()
         data = self._outhash_params(row)
+        if self.commit_interval:
+            return await self._journaled(lambda c: self._apply_report(c, data, client_unihash),
+                                         lambda r: ["r", data, r["unihash"]])
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Row] = loop.create_future()
         self._reports.append((data, client_unihash, fut))
@@ -538,6 +611,150 @@ class SqliteEquivalenceDB:
             else:
                 if not fut.done():
                     fut.set_result(res)
+
+    # --- write-behind (see journal.py) ---------------------------------------------------------
+    async def _journaled(self, apply: Callable[[sqlite3.Connection], T], record: Callable[[T], list]) -> T:
+        """Apply one write in the open window and journal it before it is answered."""
+        if not self._window:
+            await self._open_window()
+        conn = self._conn
+        before = conn.total_changes
+        try:
+            result = apply(conn)
+            if conn.total_changes != before:  # an ignored INSERT OR IGNORE needs no record
+                assert self._journal is not None
+                self._journal.append(record(result))
+        except BaseException:
+            self._reset_window()  # drops this write's rows (others come back from the journal)
+            raise
+        return result
+
+    async def _open_window(self) -> None:
+        """Take the write lock without blocking the event loop and open a window."""
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        while not self._window:
+            pause = self._cooldown_until - time.monotonic()
+            if pause > 0:
+                await asyncio.sleep(pause)
+                continue
+            if _try_begin(self._conn):
+                self._enter_window()
+                return
+            if time.monotonic() >= deadline:
+                raise sqlite3.OperationalError("database is locked (write-behind window)")
+            journal.note_waiting(self._journal_dir)
+            await asyncio.sleep(RETRY_S)
+
+    def _enter_window(self) -> None:
+        """After BEGIN: replay what the database lost, if anything, and arm the commit timer."""
+        conn = self._conn
+        try:
+            if self._journal is None or self._journal.pid != os.getpid():
+                self._journal = journal.Journal(self._journal_dir)
+            if self._needs_replay:
+                for rec in self._journal.records():
+                    self._apply_record(conn, rec)
+                self._needs_replay = False
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        self._window = True
+        self._waiting_seen = self._waiting_stamp()
+        self._window_timer = asyncio.get_running_loop().call_later(self.commit_interval, self._commit_window)
+
+    def _waiting_stamp(self) -> int:
+        try:
+            return os.stat(os.path.join(self._journal_dir, journal.WAITING)).st_mtime_ns
+        except OSError:
+            return 0
+
+    def _commit_window(self) -> None:
+        if self._window_timer is not None:
+            self._window_timer.cancel()
+            self._window_timer = None
+        if not self._window:
+            return
+        self._window = False
+        try:
+            self._conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            log.error("write-behind commit failed (%s); the journal keeps the writes, retrying", exc)
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.execute("ROLLBACK")
+            self._needs_replay = True
+            self._retry_later()
+            return
+        assert self._journal is not None
+        try:
+            self._journal.clear()
+        except OSError as exc:  # committed anyway; a replay of the leftovers changes nothing
+            log.warning("could not truncate the journal: %s", exc)
+        self._commits += 1
+        if self._commits % CHECKPOINT_EVERY == 0:
+            self._start_checkpoint()
+        if self._waiting_stamp() != self._waiting_seen:  # a writer elsewhere waits: let it in
+            self._cooldown_until = time.monotonic() + COOLDOWN_S
+
+    def _reset_window(self) -> None:
+        """A write failed inside the window: roll the window back and reopen it from the journal
+        at once, so that this process keeps answering with every acknowledged write."""
+        if self._window_timer is not None:
+            self._window_timer.cancel()
+            self._window_timer = None
+        if self._window:
+            self._window = False
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.execute("ROLLBACK")
+        self._needs_replay = True
+        try:
+            _begin(self._conn, self._journal_dir)
+            self._enter_window()
+        except Exception as exc:
+            log.error("could not reopen the write-behind window (%s); retrying", exc)
+            self._retry_later()
+
+    def _retry_later(self) -> None:
+        async def retry() -> None:
+            if self._needs_replay and not self._window:
+                try:
+                    await self._open_window()
+                except Exception as exc:
+                    log.error("write-behind replay failed (%s); retrying", exc)
+                    self._retry_later()
+
+        with contextlib.suppress(RuntimeError):  # no loop: the next write or open replays
+            asyncio.get_running_loop().call_later(0.5, lambda: asyncio.ensure_future(retry()))
+
+    def _apply_record(self, c: sqlite3.Connection, rec: list) -> None:
+        """Redo one journal record (INSERT OR IGNORE: replaying twice changes nothing)."""
+        try:
+            if rec[0] == "u":
+                c.execute(self._INSERT_UNIHASH, (rec[1], rec[2], rec[3]))
+                return
+            data = rec[1]
+            c.execute(self._insert_outhash_sql(data), data)
+            if rec[0] == "r":
+                c.execute(self._INSERT_UNIHASH, (data["method"], data["taskhash"], rec[2]))
+        except (IndexError, KeyError, TypeError, sqlite3.InterfaceError, sqlite3.IntegrityError) as exc:
+            log.warning("skipping a malformed journal record: %s", exc)
+
+    def _replay_orphans(self) -> None:
+        """Commit the journals of writers that died before committing (run at open)."""
+        if self._journal_dir is None:
+            return
+        for orphan in journal.orphans(self._journal_dir):
+            if not orphan.records:
+                orphan.discard()
+                continue
+            try:
+                _begin_and_run(self._conn, lambda c, o=orphan: [self._apply_record(c, r) for r in o.records],
+                               self._journal_dir)
+                self._conn.execute("COMMIT")
+            except BaseException:
+                orphan.release()
+                raise
+            log.info("replayed %d acknowledged write(s) from %s", len(orphan.records), orphan.path)
+            orphan.discard()
 
     async def remove(self, where: dict[str, Any]) -> int:
         """Delete matching rows from both hash tables; the total number of rows deleted.
@@ -721,8 +938,10 @@ class SqliteEquivalenceDB:
         exists = self._one("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'sstate_proxy_archives'")
         if exists is None and not self.read_only:
             # not through _write: it rolls back transactions that change no rows (DDL doesn't)
+            if self._window:
+                self._commit_window()
             conn = self._conn
-            conn.execute("BEGIN IMMEDIATE")
+            _begin(conn, self._journal_dir)
             try:
                 for ddl in self._ARCHIVES_DDL:
                     conn.execute(ddl)
@@ -791,6 +1010,12 @@ class SqliteEquivalenceDB:
         return {"objects": r[0], "unique": r[1], "bytes_saved": r[2]}
 
     async def close(self) -> None:
+        if self._window:
+            self._commit_window()
+        if self._journal is not None:
+            # A journal whose writes the database may lack stays for the next open to replay.
+            self._journal.close(remove=not self._needs_replay)
+            self._journal = None
         if self._checkpoint is not None:
             await self._checkpoint
             self._checkpoint = None
