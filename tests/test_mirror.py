@@ -236,6 +236,7 @@ def test_bad_config_exits_2_naming_the_key(tmp_path):
         "[server]\nworkers = 0\n": "server.workers",
         "[storage]\nbackend = 'ftp'\n": "storage.backend",
         "[database]\nurl = 'mysql://x'\n": "database.url",
+        "[database]\ncommit_interval_ms = -1\n": "database.commit_interval_ms",
         "[hashserv]\nanon_perms = ['@root']\n": "hashserv.anon_perms",
         "[server]\nbindd = '1'\n": "server.bindd",
         "not toml [": "config",
