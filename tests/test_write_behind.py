@@ -87,6 +87,18 @@ async def test_other_writes_commit_the_window_first(tmp_path: Path):
         await db.close()
 
 
+async def test_without_a_journal_directory_reports_commit_before_answering(tmp_path: Path, caplog):
+    path = tmp_path / "hs.db"
+    Path(journal.directory_for(str(path))).write_text("in the way")
+    db = SqliteEquivalenceDB(str(path), commit_interval_ms=60_000)
+    try:
+        assert db.commit_interval == 0 and "no write-behind journal" in caplog.text
+        await db.insert_report({"method": M, "taskhash": h("t"), "outhash": h("o")}, h("u"))
+        assert committed(path, h("t")) == h("u")
+    finally:
+        await db.close()
+
+
 async def test_a_failed_write_drops_only_itself(tmp_path: Path):
     path = tmp_path / "hs.db"
     db = SqliteEquivalenceDB(str(path), commit_interval_ms=60_000)

@@ -135,7 +135,7 @@ def orphans(directory: str) -> list[Orphan]:
     """The journal files whose owner is gone (nobody holds their lock), each locked by us."""
     try:
         names = sorted(os.listdir(directory))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return []
     found: list[Orphan] = []
     for name in names:

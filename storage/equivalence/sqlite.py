@@ -236,6 +236,14 @@ class SqliteEquivalenceDB:
         self._memory = path == ":memory:" or path.startswith("file::memory:") or path == ""
         self._journal_dir = None if self._memory or read_only else journal.directory_for(path)
         self.commit_interval = commit_interval_ms / 1000 if self._journal_dir else 0.0
+        if self.commit_interval:
+            try:
+                os.makedirs(self._journal_dir, mode=0o700, exist_ok=True)
+                if not os.access(self._journal_dir, os.W_OK | os.X_OK):
+                    raise PermissionError(f"{self._journal_dir} is not writable")
+            except OSError as exc:
+                log.warning("no write-behind journal (%s): each report is committed before its answer", exc)
+                self.commit_interval = 0.0
         self._heavy_lock = threading.Lock()
         self._conn = self._connect()
         if not read_only:
