@@ -13,9 +13,15 @@ Design notes
 * Whole-table work (``remove``, ``clean_unused``, ``gc_mark``, ``gc_sweep``, ``get_usage``) runs in
   a worker thread on a connection of its own, so it never stalls the event loop (for a
   ``:memory:`` database, which cannot be shared, it runs inline).
-* ``insert_report`` does a report's writes in one transaction, and reports made in the same
-  event-loop iteration share it (group commit). WAL checkpoints (which fsync) run in a worker
-  thread every CHECKPOINT_EVERY commits rather than inside a commit on the event loop.
+* ``insert_report`` does a report's writes in one transaction. With ``commit_interval_ms`` > 0
+  (the service's default) that transaction is a write-behind window: reports, report-equivs and
+  outhash writes are applied in it, journaled (journal.py) and answered, and the window commits
+  after the interval; other writes commit it first. Without it, reports made in the same
+  event-loop iteration share one transaction (group commit). WAL checkpoints (which fsync) run
+  in a worker thread every CHECKPOINT_EVERY commits rather than inside a commit on the loop.
+* Waiting for the write lock never relies on SQLite's busy handler alone (it sleeps 1, 2, 5, 10
+  ms... and can keep missing a busy writer's gaps): writers retry every RETRY_S and touch the
+  journal directory's ``writers-waiting``, and a window's holder then pauses COOLDOWN_S.
 * ``created`` is written as UTC ISO text (``2026-05-01T12:00:00.123456+00:00``), exactly what
   bitbake's registered adapter writes, and is handed back to callers as the stored string.
 * ``generation()`` combines ``PRAGMA data_version`` (changes when any *other* connection, in this
