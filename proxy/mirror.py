@@ -11,6 +11,7 @@ import asyncio
 import logging
 from collections.abc import Mapping
 from email.utils import formatdate, parsedate_to_datetime
+from typing import BinaryIO, NoReturn
 
 from aiohttp import web
 
@@ -18,7 +19,7 @@ from proxy import names
 from proxy.http_auth import require
 from proxy.metrics import Metrics
 from proxy.resolver import Resolution, Resolver
-from storage import ByteStream, LocalFile, Meta, ObjectStore, RedirectURL, StoreUnavailable
+from storage import Body, ByteStream, LocalFile, Meta, ObjectStore, RedirectURL, StoreUnavailable
 
 log = logging.getLogger("sstate_proxy.mirror")
 
@@ -198,7 +199,7 @@ class Mirror:
         """What GET/HEAD of ``key`` answers, given the request headers ``h`` (any mapping with
         case-insensitive ``get``): (resolution, response headers, status, start, length).
         Resolution None is a miss (404); a status in NO_BODY is a finished 304/412/416.
-        Shared by the aiohttp handler and the HEAD fast path (proxy/fasthead.py)."""
+        Shared by the aiohttp handler and the fast path (proxy/fasthead.py)."""
         res = await self.resolver.resolve(key, name)
         if res is None:
             self.metrics.object_request(method, "miss")
@@ -229,17 +230,36 @@ class Mirror:
             return resp
         return await self._get(request, res, resp, start, length)
 
+    # -- a GET's body (shared with the fast path, proxy/fasthead.py) ------------------------
+
+    async def open_body(self, res: Resolution, start: int, length: int, h: Mapping[str, str]) -> Body:
+        """The store's body of [start, start+length) of ``res`` for a GET with request headers
+        ``h``; 404 if the object vanished since the stat."""
+        body = await self.store.open(res.key, start, length, allow_redirect=h.get("Authorization") is None)
+        if body is None:
+            self._vanished()
+        return body
+
+    def open_file(self, path: str) -> BinaryIO:
+        """``path`` (of a LocalFile body) opened for sendfile; 404 if it vanished since the stat.
+        The caller closes it."""
+        try:
+            return open(path, "rb", buffering=0)  # noqa: SIM115 - the caller closes it
+        except FileNotFoundError:
+            pass
+        self._vanished()
+
+    def _vanished(self) -> NoReturn:
+        """The object went away between the stat and the open: drop the cached answers, 404."""
+        self.resolver.invalidate()
+        raise not_found()
+
     # -- responses -------------------------------------------------------------------------
 
     async def _get(self, request: web.Request, res: Resolution, resp: web.StreamResponse,
                    start: int, length: int) -> web.StreamResponse:
         headers = resp.headers
-        body = await self.store.open(
-            res.key, start, length, allow_redirect=request.headers.get("Authorization") is None
-        )
-        if body is None:  # vanished between stat and open
-            self.resolver.invalidate()
-            raise not_found()
+        body = await self.open_body(res, start, length, request.headers)
         if isinstance(body, RedirectURL):
             del headers["Content-Type"], headers["Content-Length"]
             return web.Response(status=307, headers={**headers, "Location": body.url})
@@ -264,28 +284,32 @@ class Mirror:
         self, request: web.Request, path: str, resp: web.StreamResponse, start: int, length: int
     ) -> web.StreamResponse:
         """Send [start, start+length) of a local file with sendfile(2) (plain read over TLS)."""
-        try:
-            fobj = open(path, "rb")  # noqa: SIM115 - closed below, after the transfer
-        except FileNotFoundError:
-            self.resolver.invalidate()
-            raise not_found() from None
+        fobj = self.open_file(path)
         try:
             await resp.prepare(request)
             transport = request.transport
             if transport is None:
                 raise ConnectionResetError("connection lost")
             loop = asyncio.get_running_loop()
-            if transport.get_extra_info("sslcontext") is None:
-                await loop.sendfile(transport, fobj, start, length)
-            else:
-                fobj.seek(start)
-                left = length
-                while left > 0:
-                    chunk = await loop.run_in_executor(None, fobj.read, min(left, 1 << 20))
-                    if not chunk:
+            try:
+                if transport.get_extra_info("sslcontext") is None:
+                    # (loop.sendfile refuses a count of 0: an empty object has no body to send)
+                    if length and await loop.sendfile(transport, fobj, start, length) != length:
                         raise ConnectionResetError("file shrank during transfer")
-                    await resp.write(chunk)
-                    left -= len(chunk)
+                else:
+                    fobj.seek(start)
+                    left = length
+                    while left > 0:
+                        chunk = await loop.run_in_executor(None, fobj.read, min(left, 1 << 20))
+                        if not chunk:
+                            raise ConnectionResetError("file shrank during transfer")
+                        await resp.write(chunk)
+                        left -= len(chunk)
+            except BaseException:
+                # The head is out: no other answer can follow it on this connection. Closing it
+                # shows the client a short body (wget resumes with Range).
+                transport.close()
+                raise
             await resp.write_eof()
             self.metrics.sent(length)
             return resp
