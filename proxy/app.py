@@ -65,7 +65,7 @@ class AccessLogger(AbstractAccessLogger):
     @classmethod
     def emit(cls, method: str, path_qs: str, status: int, nbytes: int, source: str, seconds: float,
              rid: str) -> None:
-        """Queue one access line (also called by the HEAD fast path, proxy/fasthead.py)."""
+        """Queue one access line (also called by the fast path, proxy/fasthead.py)."""
         shared = AccessLogger
         now = time_now()
         second = int(now)

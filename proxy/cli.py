@@ -150,9 +150,9 @@ async def run_worker(cfg: Config, worker: int, hashserv_sock: socket.socket | No
 
         ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ssl_ctx.load_cert_chain(cfg.server.tls_cert, cfg.server.tls_key)
-    # plain HEADs are answered by proxy/fasthead.py, everything else by aiohttp
-    site, fast = fasthead.site(runner, access_logger_class(cfg), host, port, reuse_port=True,
-                               ssl_context=ssl_ctx, backlog=1024)
+    # plain HEADs (and GETs of local files) are answered by proxy/fasthead.py, the rest by aiohttp
+    site = fasthead.site(runner, access_logger_class(cfg), host, port, reuse_port=True,
+                         ssl_context=ssl_ctx, backlog=1024)
     await site.start()
     scheme = "https" if ssl_ctx else "http"
     log.info("worker %d serving %s://%s:%d (storage %s, database %s)", worker, scheme, host, port,
@@ -163,9 +163,7 @@ async def run_worker(cfg: Config, worker: int, hashserv_sock: socket.socket | No
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("worker %d stopping", worker)
-    if fast is not None:
-        fast.close_all()
-    await runner.cleanup()
+    await runner.cleanup()  # the fast path's site lets its requests in flight finish first
 
 
 def serve(cfg: Config) -> int:

@@ -1,27 +1,40 @@
-"""HEAD fast path: plain ``HEAD`` requests answered without aiohttp's per-request machinery.
+"""Fast path: plain ``HEAD`` and ``GET`` requests answered without aiohttp's per-request machinery.
 
 bitbake checks sstate existence with storms of HEADs on kept-alive connections, one request at
-a time per connection. aiohttp spends most of such a request on its own objects (Request,
-router, middleware, StreamResponse.prepare, header serialisation); this module is the listening
-socket's protocol and answers the simple HEADs itself, with the mirror's own code for the
-semantics (``Mirror.key_of_raw`` + ``Mirror.answer`` -> ``mirror.plan``; ``http_auth``'s
-``identify_headers`` + ``check``), the same access-log line (``AccessLogger.emit``), metrics,
-``X-Request-Id``, ``Date``/``Server``/``Connection`` headers as aiohttp.
+a time per connection, then downloads what exists with GETs (wget; ``Range: bytes=N-`` when it
+resumes). aiohttp spends most of such a request on its own objects (Request, router, middleware,
+StreamResponse.prepare, header serialisation); this module is the listening socket's protocol
+and answers the simple requests itself, with the mirror's own code for the semantics
+(``Mirror.key_of_raw`` + ``Mirror.answer`` -> ``mirror.plan``; ``Mirror.open_body`` +
+``Mirror.open_file`` for a GET's bytes; ``http_auth``'s ``identify_headers`` + ``check``), the
+same access-log line (``AccessLogger.emit``), metrics, ``X-Request-Id``, ``Date``/``Server``/
+``Connection`` headers as aiohttp.
 
 Every connection starts in fast mode. Requests are taken strictly in order (pipelined ones wait
 in the buffer while one is in flight). A request head qualifies when it is, exactly,
-``HEAD <origin-form target> HTTP/1.1|1.0`` with well-formed ASCII header lines (no duplicates,
+``HEAD|GET <origin-form target> HTTP/1.1|1.0`` with well-formed ASCII header lines (no duplicates,
 no obs-fold, no Transfer-Encoding, Expect, Upgrade or non-zero Content-Length), a head under
-8 KiB, a target under the mirror prefix that is not one of the application's own routes and has
-no dot segment. On the first request that does not qualify (GET, PUT, websocket, anything
-malformed or unusual) the connection is handed to aiohttp for good: a RequestHandler from the
-aiohttp server factory gets ``connection_made(transport)``, becomes the transport's protocol and
-is fed every byte not yet consumed. So everything but plain HEADs, including every 400 for a
-malformed request, stays aiohttp's.
+8 KiB, a target under the mirror prefix that the mirror accepts as a key (``key_of_raw``), that
+is not one of the application's own routes and has no dot segment; a ``GET`` only when the
+store is local and the site has no TLS (the body is then a file, sent with sendfile(2) as
+``Mirror._sendfile`` does; other stores' bodies are redirects or streams, and TLS needs plain
+reads). On the first request that does not qualify (PUT, websocket, a GET on S3, a bad path,
+anything malformed or unusual) the connection is handed to aiohttp for good: a RequestHandler
+from the aiohttp server factory gets ``connection_made(transport)``, becomes the transport's
+protocol and is fed every byte not yet consumed. So everything else, including every 400, stays
+aiohttp's.
 
 With local storage and SQLite (whose lookups never suspend) a request's coroutine is run to
 completion inline in ``data_received``; if it does suspend, or with other backends, it runs as a
-task.
+task. A GET's head is written at once, then the file goes out with sendfile(2): inline as far as
+the socket takes it (a whole object of a few MiB, usually), the rest with ``loop.sendfile`` in a
+task, the connection busy until it is done. A transfer that fails (client gone, file shrunk)
+closes the connection, as with aiohttp: wget notices the short body (Content-Length) and resumes
+with Range. The access line of a GET counts what aiohttp's counts: the bytes written through the
+response, i.e. the head (and the text of an error), not what sendfile sent.
+
+On shutdown (``FastHeadSite.stop``) idle connections close at once and busy ones when their
+request is done, within the runner's shutdown timeout, as aiohttp's own connections do.
 
 Debugging switch: ``SSTATE_PROXY_NO_FASTHEAD=1`` in the environment serves every request with
 plain aiohttp (``proxy.cli.run_worker``).
@@ -34,7 +47,8 @@ import logging
 import os
 import re
 import time
-from urllib.parse import unquote
+from functools import partial
+from typing import BinaryIO
 
 from aiohttp import web
 from aiohttp.helpers import rfc822_formatted_time
@@ -45,23 +59,36 @@ from multidict import CIMultiDict
 
 from proxy.app import PARTS, RID_RE, AccessLogger, access_log, new_request_id
 from proxy.http_auth import check, identify_headers
-from proxy.mirror import not_found, unavailable
-from storage import StoreUnavailable
+from proxy.mirror import NO_BODY, not_found, unavailable
+from proxy.names import SstateName
+from storage import LocalFile, StoreUnavailable
 
 log = logging.getLogger("sstate_proxy.fasthead")
 
 ENV_SWITCH = "SSTATE_PROXY_NO_FASTHEAD"
 MAX_HEAD = 8192  # a longer request head goes to aiohttp (which has its own limits)
-MAX_HEADERS = 64
+MAX_HEADERS = 64  # header lines, with the request line
 MAX_BUFFER = 256 * 1024  # pause reading while this much is waiting behind a request in flight
 READ = ("@read",)
 # Reserved for the application's own routes in any case (besides what the router holds).
 RESERVED_PREFIXES = ("/v1/",)
 
-_REQUEST_LINE = re.compile(rb"HEAD (/[A-Za-z0-9\-._~!$&'()*+,;=:@%/?]*) HTTP/1\.([01])")
-_HEADER_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*((?:[\x21-\x7e](?:[ \t]*[\x21-\x7e])*)?)[ \t]*")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_REQUEST_LINE = re.compile(r"(HEAD|GET) (/[A-Za-z0-9\-._~!$&'()*+,;=:@%/?]*) HTTP/1\.([01])")
+# One header line, with the CRLF before it: a token, ':', the value (visible ASCII, SP, HTAB);
+# leading blanks are not part of the value, trailing ones are stripped after the match.
+_HEADER_LINE = re.compile(r"\r\n([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([\t\x20-\x7e]*)(?=\r\n)")
 _HANDOFF_HEADERS = frozenset(("transfer-encoding", "expect", "upgrade"))
+_SERVER = f"\r\nServer: {SERVER_SOFTWARE}\r\n"
+_CONNECTION = {  # (HTTP/1.1?, keep-alive?) -> what aiohttp adds
+    (True, True): "", (True, False): "Connection: close\r\n",
+    (False, True): "Connection: keep-alive\r\n", (False, False): "",
+}
+
+# A request in flight: (method, target, minor, keep_alive, rid, started)
+Req = tuple[str, str, bool, bool, str, float]
+# An answer: (status, reason, header items, source, body); body is None (nothing after the head),
+# bytes (an error's text, GET only) or (open file, start, length) for sendfile (GET only).
+Answer = tuple[int, str, list, str, "bytes | tuple[BinaryIO, int, int] | None"]
 
 
 def enabled() -> bool:
@@ -102,7 +129,7 @@ class FastHead:
     """Protocol factory for the listening socket (one per worker)."""
 
     def __init__(self, app: web.Application, server, access_logger: type[AccessLogger],
-                 keepalive_timeout: float = 75.0) -> None:
+                 keepalive_timeout: float = 75.0, *, tls: bool = False) -> None:
         parts = app[PARTS]
         self.mirror = parts["mirror"]
         self.auth = parts["auth"]
@@ -124,68 +151,104 @@ class FastHead:
                 prefixes.append(info["prefix"])
         self.reserved = frozenset(exact)
         self.reserved_prefixes = tuple(prefixes)
-        from storage.equivalence.sqlite import SqliteEquivalenceDB
         from storage.local import LocalStore
 
         # Lookups that never suspend (and never need a current task): step coroutines inline.
-        self.eager = isinstance(self.mirror.store, LocalStore) and isinstance(parts["db"], SqliteEquivalenceDB)
+        local = isinstance(self.mirror.store, LocalStore)
+        self.eager = local and getattr(parts["db"], "answers_in_loop", False)
+        # GET bodies are files for sendfile(2): local storage, and no TLS (which needs reads)
+        self.methods = frozenset(("HEAD", "GET") if local and not tls else ("HEAD",))
         self.connections: set[FastHeadProtocol] = set()
-        self._miss = self._rendered_error(not_found())
+        self.closing = False
+        self._drained: asyncio.Future | None = None
+        self._miss = {}
+        for method in ("HEAD", "GET"):
+            status, reason, items, body = self._rendered_error(not_found(), method)
+            self._miss[method] = (status, reason, items, "miss", body)
 
     def __call__(self) -> FastHeadProtocol:
         return FastHeadProtocol(self)
 
-    def close_all(self) -> None:
-        """Close the connections still in fast mode (aiohttp's own are closed by the runner)."""
+    async def shutdown(self, timeout: float) -> None:
+        """Close idle connections now and the busy ones when their request is done (within
+        ``timeout``; then they are closed anyway)."""
+        self.closing = True
+        for conn in list(self.connections):
+            if not conn.busy:
+                conn.close()
+        if self.connections:
+            self._drained = asyncio.get_running_loop().create_future()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._drained), timeout)
+            except TimeoutError:
+                pass
         for conn in list(self.connections):
             conn.close()
 
+    def forget(self, conn: FastHeadProtocol) -> None:
+        self.connections.discard(conn)
+        if self._drained is not None and not self.connections and not self._drained.done():
+            self._drained.set_result(None)
+
     @staticmethod
-    def _rendered_error(exc: web.HTTPException) -> tuple[int, str, list[tuple[str, str]]]:
+    def _rendered_error(exc: web.HTTPException, method: str
+                        ) -> tuple[int, str, list[tuple[str, str]], bytes | None]:
         items = list(exc.headers.items())
+        body = exc.body or b""
         if "Content-Length" not in exc.headers:
-            items.append(("Content-Length", str(len(exc.body or b""))))
-        return exc.status, exc.reason, items
+            items.append(("Content-Length", str(len(body))))
+        return exc.status, exc.reason, items, body if method == "GET" and body else None
 
-    def qualifies(self, target: str) -> bool:
-        path = target.split("?", 1)[0]
-        if not path.startswith(self.prefix):
-            return False
-        if "%" in path:
-            path = unquote(path)
-            if _CONTROL.search(path):  # aiohttp's router would not match it: its 404
-                return False
+    def qualifies(self, target: str) -> tuple[str, SstateName | None] | None:
+        """The mirror's (key, name) for ``target`` if aiohttp's router would give it to the
+        mirror; None for anything else (not under the prefix, the application's own routes, a
+        path the mirror refuses with 400, a dot segment aiohttp would normalise away)."""
+        try:
+            key, name = self.mirror.key_of_raw(target)
+        except web.HTTPException:
+            return None
+        path = self.prefix + key  # the decoded path (key_of_raw refuses control characters)
         if "/." in path or path in self.reserved or path.startswith(self.reserved_prefixes):
-            return False
-        return True
+            return None
+        return key, name
 
-    async def answer(self, target: str, h: CIMultiDict) -> tuple[int, str, list, str]:
-        """(status, reason, headers, source) for ``HEAD target``: the mirror's own code."""
+    async def answer(self, method: str, key: str, name: SstateName | None, h: CIMultiDict) -> Answer:
+        """The answer to ``method`` of ``key`` (``name``) with request headers ``h``: the mirror's
+        own code."""
         mirror = self.mirror
+        source = "-"
         try:
             check(await identify_headers(h, self.auth), self.auth, READ)
-            key, name = mirror.key_of_raw(target)
             try:
-                res, headers, status, _start, _length = await mirror.answer("HEAD", h, key, name)
+                res, headers, status, start, length = await mirror.answer(method, h, key, name)
+                if res is None:
+                    return self._miss[method]
+                source = res.source
+                body = None
+                if status in NO_BODY:
+                    if method == "GET" and status != 304:
+                        headers["Content-Length"] = "0"  # aiohttp's, for an empty GET answer
+                elif method == "GET":
+                    found = await mirror.open_body(res, start, length, h)
+                    assert isinstance(found, LocalFile), found  # self.methods: local store only
+                    body = (mirror.open_file(found.path), start, length)
             except StoreUnavailable as e:
                 raise unavailable(key, e) from None
         except web.HTTPException as exc:
-            status, reason, items = self._rendered_error(exc)
-            return status, reason, items, "-"
-        if res is None:
-            status, reason, items = self._miss
-            return status, reason, items, "miss"
-        return status, REASON_PHRASES[status], list(headers.items()), res.source
+            status, reason, items, body = self._rendered_error(exc, method)
+            return status, reason, items, source, body
+        return status, REASON_PHRASES[status], list(headers.items()), source, body
 
 
 class FastHeadProtocol(asyncio.Protocol):
-    __slots__ = ("fh", "loop", "transport", "buf", "busy", "closed", "eof", "paused_reading",
+    __slots__ = ("fh", "loop", "transport", "fd", "buf", "busy", "closed", "eof", "paused_reading",
                  "paused_writing", "last_active", "idle_handle")
 
     def __init__(self, fh: FastHead) -> None:
         self.fh = fh
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
+        self.fd = -1  # the socket's, for sendfile(2)
         self.buf = b""
         self.busy = False  # a request in flight (or the connection handed over)
         self.closed = False
@@ -199,6 +262,9 @@ class FastHeadProtocol(asyncio.Protocol):
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            self.fd = sock.fileno()
         tcp_nodelay(transport, True)
         self.fh.connections.add(self)
         self.last_active = self.loop.time()
@@ -222,7 +288,7 @@ class FastHeadProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.closed = True
-        self.fh.connections.discard(self)
+        self.fh.forget(self)
         if self.idle_handle is not None:
             self.idle_handle.cancel()
             self.idle_handle = None
@@ -240,7 +306,7 @@ class FastHeadProtocol(asyncio.Protocol):
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            self.fh.connections.discard(self)
+            self.fh.forget(self)
             if self.idle_handle is not None:
                 self.idle_handle.cancel()
                 self.idle_handle = None
@@ -277,74 +343,83 @@ class FastHeadProtocol(asyncio.Protocol):
                     return
                 self.buf = buf[end + 4:]
                 if not self._start(*parsed):
-                    return  # in flight; _finished() goes on
+                    return  # in flight (or closed); _finished() / _sent() go on
         except Exception:  # never out of a protocol callback
-            log.exception("fast HEAD path failed; closing the connection")
+            log.exception("fast path failed; closing the connection")
             self.close()
 
     def _parse(self, buf: bytes, end: int):
-        """(target, minor, headers, keep_alive) of a qualifying request head, else None."""
-        head = buf[:end]
-        if not head.isascii():
+        """(method, target, key, name, minor, headers, keep_alive) of a qualifying request head,
+        else None."""
+        try:
+            head = buf[:end + 2].decode("ascii")  # with the CRLF that ends the last line
+        except UnicodeDecodeError:
             return None
-        lines = head.split(b"\r\n")
-        m = _REQUEST_LINE.fullmatch(lines[0])
-        if m is None or len(lines) > MAX_HEADERS:
+        eol = head.find("\r\n")
+        m = _REQUEST_LINE.fullmatch(head, 0, eol)
+        if m is None:
             return None
-        target = m.group(1).decode("ascii")
-        if not self.fh.qualifies(target):
+        method, target, minor = m.groups()
+        if method not in self.fh.methods:
             return None
-        minor = m.group(2) == b"1"
-        h = CIMultiDict()
-        seen = set()
-        for line in lines[1:]:
-            hm = _HEADER_LINE.fullmatch(line)
-            if hm is None:
-                return None
-            name = hm.group(1).decode("ascii")
-            lname = name.lower()
-            if lname in seen or lname in _HANDOFF_HEADERS:
-                return None
-            seen.add(lname)
-            h.add(name, hm.group(2).decode("ascii"))
-        if "content-length" in seen and h["Content-Length"] != "0":
+        found = self.fh.qualifies(target)
+        if found is None:
             return None
-        if minor and not h.get("Host"):
+        pairs = _HEADER_LINE.findall(head, eol)
+        # each match is one whole line: every line is well-formed iff all of them matched
+        if len(pairs) != head.count("\r\n", eol) - 1 or len(pairs) >= MAX_HEADERS:
+            return None
+        low = {name.lower(): value for name, value in pairs}
+        if len(low) != len(pairs) or not _HANDOFF_HEADERS.isdisjoint(low):
+            return None  # a repeated header, or one for aiohttp
+        if " \r\n" in head or "\t\r\n" in head:  # trailing blanks are not part of a value
+            pairs = [(name, value.rstrip(" \t")) for name, value in pairs]
+            low = {name.lower(): value for name, value in pairs}
+        if low.get("content-length", "0") != "0":
+            return None
+        minor = minor == "1"
+        if minor and not low.get("host"):
             return None  # aiohttp's 400
-        conn = h.get("Connection")
+        conn = low.get("connection")
         if conn is None:
             keep_alive = minor
         else:
-            tokens = {t.strip().lower() for t in conn.split(",")}
-            if "upgrade" in tokens:
-                return None
-            keep_alive = "close" not in tokens if minor else "keep-alive" in tokens
-        return target, minor, h, keep_alive
+            conn = conn.lower()
+            if conn == "keep-alive" or conn == "close":  # what clients send
+                keep_alive = conn == "keep-alive"
+            else:
+                tokens = {t.strip() for t in conn.split(",")}
+                if "upgrade" in tokens:
+                    return None
+                keep_alive = "close" not in tokens if minor else "keep-alive" in tokens
+        return method, target, *found, minor, CIMultiDict(pairs), keep_alive
 
-    def _start(self, target: str, minor: bool, h: CIMultiDict, keep_alive: bool) -> bool:
-        """Answer one request; True if it finished inline, False if it is in flight."""
+    def _start(self, method: str, target: str, key: str, name: SstateName | None, minor: bool,
+               h: CIMultiDict, keep_alive: bool) -> bool:
+        """Answer one request; True if it finished inline, False if it is in flight (or the
+        connection is closed)."""
         started = time.perf_counter()
-        rid = h.get("X-Request-Id", "")
+        rid = h.get("X-Request-Id")
         if not rid or not RID_RE.fullmatch(rid):
             rid = new_request_id()
-        coro = self.fh.answer(target, h)
+        req = (method, target, minor, keep_alive, rid, started)
+        coro = self.fh.answer(method, key, name, h)
         if self.fh.eager:
             try:
                 fut = coro.send(None)
             except StopIteration as stop:
-                self._respond(stop.value, target, minor, keep_alive, rid, started)
-                return not self.closed
+                return self._respond(stop.value, req)
             except Exception:
-                self._failed(target, minor, rid, started)
+                self._failed(req)
                 return False
             task = self.loop.create_task(_resume(coro, fut))
         else:
             task = self.loop.create_task(coro)
         self.busy = True
-        task.add_done_callback(lambda t: self._finished(t, target, minor, keep_alive, rid, started))
+        task.add_done_callback(partial(self._finished, req))
         return False
 
-    def _finished(self, task: asyncio.Task, target, minor, keep_alive, rid, started) -> None:
+    def _finished(self, req: Req, task: asyncio.Task) -> None:
         self.busy = False
         try:
             result = task.result()
@@ -352,46 +427,118 @@ class FastHeadProtocol(asyncio.Protocol):
             self.close()
             return
         except BaseException:
-            self._failed(target, minor, rid, started)
+            self._failed(req)
             return
         try:
-            self._respond(result, target, minor, keep_alive, rid, started)
+            done = self._respond(result, req)
         except Exception:
-            log.exception("fast HEAD path failed rid=%s", rid)
+            log.exception("fast path failed rid=%s", req[4])
             self.close()
             return
-        self._process()
+        if done:
+            self._process()
 
-    def _failed(self, target: str, minor: bool, rid: str, started: float) -> None:
-        log.exception("internal error rid=%s HEAD %s", rid, target)
+    def _failed(self, req: Req) -> None:
+        method, target, _, _, rid, _ = req
+        log.exception("internal error rid=%s %s %s", rid, method, target)
         body = f"internal error, request id {rid}\n".encode()
         result = (500, REASON_PHRASES[500], [("Content-Type", "text/plain; charset=utf-8"),
-                                              ("Content-Length", str(len(body)))], "-")
+                                              ("Content-Length", str(len(body)))], "-",
+                  body if method == "GET" else None)
         try:
-            self._respond(result, target, minor, False, rid, started)
+            self._respond(result, req[:3] + (False,) + req[4:])
         finally:
             self.close()
 
-    def _respond(self, result, target: str, minor: bool, keep_alive: bool, rid: str, started: float) -> None:
-        status, reason, items, source = result
-        nbytes = 0
-        if not self.closed:
-            out = [f"HTTP/1.{int(minor)} {status} {reason}\r\n"]
-            out += [f"{k}: {v}\r\n" for k, v in items]
-            out.append(f"Date: {rfc822_formatted_time()}\r\nServer: {SERVER_SOFTWARE}\r\n")
-            if not keep_alive:
-                if minor:
-                    out.append("Connection: close\r\n")
-            elif not minor:
-                out.append("Connection: keep-alive\r\n")
-            out.append(f"X-Request-Id: {rid}\r\n\r\n")
-            data = "".join(out).encode("utf-8")
-            nbytes = len(data)  # aiohttp's body_length of a HEAD response: its head
+    def _respond(self, result: Answer, req: Req) -> bool:
+        """Write the answer; True if the connection may go on to its next request now."""
+        status, reason, items, source, body = result
+        method, target, minor, keep_alive, rid, _ = req
+        if self.closed:
+            if type(body) is tuple:
+                body[0].close()
+            self._log(req, status, 0, source)
+            return False
+        lines = "\r\n".join(map(": ".join, items))
+        data = (f"HTTP/1.{int(minor)} {status} {reason}\r\n{lines}\r\nDate: {rfc822_formatted_time()}"
+                f"{_SERVER}{_CONNECTION[minor, keep_alive]}X-Request-Id: {rid}\r\n\r\n").encode()
+        if type(body) is not tuple:
+            if body:
+                data += body
             self.transport.write(data)
-        if access_log.isEnabledFor(logging.INFO):
-            self.fh.access_logger.emit("HEAD", target, status, nbytes, source, time.perf_counter() - started, rid)
-        if not keep_alive:
+            self._log(req, status, len(data), source)  # aiohttp's body_length: what went through
+            return self._next(req)
+        # A GET's bytes: the head, then the file with sendfile(2). The socket usually takes a
+        # whole object of a few MiB at once, so that is tried inline; the rest goes in a task.
+        fobj, start, length = body
+        self.transport.write(data)
+        nbytes = len(data)
+        sent = 0
+        if length and not self.transport.get_write_buffer_size():
+            try:
+                sent = os.sendfile(self.fd, fobj.fileno(), start, length)
+                if not sent:
+                    raise ConnectionResetError("file shrank during transfer")
+            except (BlockingIOError, InterruptedError):
+                pass
+            except ConnectionError as exc:
+                fobj.close()
+                return self._done(req, status, nbytes, source, length, exc)
+            except OSError:
+                pass  # loop.sendfile says what it is (or falls back to plain reads)
+        if sent == length:
+            fobj.close()
+            return self._done(req, status, nbytes, source, length, None)
+        self.busy = True
+        task = self.loop.create_task(self._send(fobj, start + sent, length - sent))
+        task.add_done_callback(partial(self._sent, req, status, nbytes, source, length))
+        return False
+
+    def _next(self, req: Req) -> bool:
+        """After a response: True to go on with the connection's next request, else close."""
+        if req[3] and not self.fh.closing:
+            return True
+        self.close()
+        return False
+
+    async def _send(self, fobj: BinaryIO, start: int, length: int) -> None:
+        try:
+            sent = await self.loop.sendfile(self.transport, fobj, start, length)
+        finally:
+            fobj.close()
+        if sent != length:
+            raise ConnectionResetError("file shrank during transfer")
+
+    def _sent(self, req: Req, status: int, nbytes: int, source: str, length: int, task: asyncio.Task) -> None:
+        self.busy = False
+        try:
+            task.result()
+        except asyncio.CancelledError:  # shutting down
             self.close()
+        except Exception as exc:
+            self._done(req, status, nbytes, source, length, exc)
+        else:
+            if self._done(req, status, nbytes, source, length, None):
+                self._process()
+
+    def _done(self, req: Req, status: int, nbytes: int, source: str, length: int,
+              exc: BaseException | None) -> bool:
+        """A GET's body is out; True to go on. If it failed the connection closes (the client
+        sees a short body), and the lines logged are aiohttp's for a failure mid-body."""
+        if exc is not None:
+            log.error("internal error rid=%s %s %s", req[4], req[0], req[1], exc_info=exc)
+            self._log(req, 500, nbytes, source)
+            self.close()
+            return False
+        self.fh.mirror.metrics.sent(length)
+        self._log(req, status, nbytes, source)
+        self.last_active = self.loop.time()  # the keep-alive timeout runs from the end of a transfer
+        return self._next(req)
+
+    def _log(self, req: Req, status: int, nbytes: int, source: str) -> None:
+        if access_log.isEnabledFor(logging.INFO):
+            method, target, _, _, rid, started = req
+            self.fh.access_logger.emit(method, target, status, nbytes, source, time.perf_counter() - started, rid)
 
     # -- hand over to aiohttp ----------------------------------------------------------------
 
@@ -399,7 +546,7 @@ class FastHeadProtocol(asyncio.Protocol):
         """Make an aiohttp RequestHandler this connection's protocol and feed it the rest."""
         transport = self.transport
         self.busy = True  # nothing more for this object to do
-        self.fh.connections.discard(self)
+        self.fh.forget(self)
         if self.idle_handle is not None:
             self.idle_handle.cancel()
             self.idle_handle = None
@@ -421,9 +568,11 @@ class FastHeadProtocol(asyncio.Protocol):
 class FastHeadSite(web.TCPSite):
     """``web.TCPSite`` whose listening socket's protocol factory is a FastHead."""
 
-    def __init__(self, runner: web.AppRunner, fast: FastHead, *args, **kwargs) -> None:
+    def __init__(self, runner: web.AppRunner, fast: FastHead, *args, shutdown_timeout: float = 60.0,
+                 **kwargs) -> None:
         super().__init__(runner, *args, **kwargs)
         self._fast = fast
+        self._shutdown_timeout = shutdown_timeout
 
     async def start(self) -> None:
         await web.BaseSite.start(self)
@@ -433,12 +582,19 @@ class FastHeadSite(web.TCPSite):
             reuse_address=self._reuse_address, reuse_port=self._reuse_port,
         )
 
+    async def stop(self) -> None:
+        """Stop listening, then let the fast connections' requests in flight finish."""
+        await super().stop()
+        await self._fast.shutdown(self._shutdown_timeout)
 
-def site(runner: web.AppRunner, access_logger, *args, **kwargs) -> tuple[web.TCPSite, FastHead | None]:
+
+def site(runner: web.AppRunner, access_logger, *args, **kwargs) -> web.TCPSite:
     """The TCP site for ``runner``: with the fast path unless SSTATE_PROXY_NO_FASTHEAD=1."""
     if not enabled():
-        return web.TCPSite(runner, *args, **kwargs), None
+        return web.TCPSite(runner, *args, **kwargs)
     server = runner.server
     keepalive = getattr(server, "_kwargs", {}).get("keepalive_timeout", 3630.0)
-    fast = FastHead(runner.app, server, access_logger, keepalive_timeout=keepalive)
-    return FastHeadSite(runner, fast, *args, **kwargs), fast
+    fast = FastHead(runner.app, server, access_logger, keepalive_timeout=keepalive,
+                    tls=kwargs.get("ssl_context") is not None)
+    shutdown_timeout = getattr(runner, "_shutdown_timeout", 60.0)
+    return FastHeadSite(runner, fast, *args, shutdown_timeout=shutdown_timeout, **kwargs)

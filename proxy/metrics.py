@@ -43,6 +43,7 @@ class Metrics:
         self._pid = pid
         # plain counters for the hot path; Prometheus counters are children cached here
         self._obj_children: dict[tuple[str, str], Counter] = {}
+        self._bytes_sent = self.bytes_sent.labels(pid)
 
     def object_request(self, method: str, source: str) -> None:
         child = self._obj_children.get((method, source))
@@ -52,7 +53,7 @@ class Metrics:
 
     def sent(self, nbytes: int) -> None:
         if nbytes:
-            self.bytes_sent.labels(self._pid).inc(nbytes)
+            self._bytes_sent.inc(nbytes)
 
     def upload(self, outcome: str) -> None:
         self.uploads.labels(outcome, self._pid).inc()

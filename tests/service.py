@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -70,6 +71,7 @@ class Service:
         }
         for name, table in (config or {}).items():
             sections.setdefault(name, {}).update(table)
+        self.scheme = "https" if sections["server"].get("tls_cert") else "http"
         self.config_path = write_config(self.workdir / "config.toml", sections)
         self.env = {**os.environ, **(env or {})}
         self.env.setdefault("PYTHONPATH", str(REPO))
@@ -79,7 +81,7 @@ class Service:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 20.0) -> Service:
         self.log = open(self.log_path, "ab")
@@ -88,11 +90,16 @@ class Service:
             cwd=self.workdir, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + timeout
+        context = None
+        if self.scheme == "https":  # a test's self-signed certificate
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"service exited with {self.proc.returncode}:\n{self.read_log()}")
             try:
-                with urllib.request.urlopen(self.url + "/healthz", timeout=1) as r:
+                with urllib.request.urlopen(self.url + "/healthz", timeout=1, context=context) as r:
                     if r.status == 200:
                         return self
             except (urllib.error.URLError, ConnectionError, OSError):
