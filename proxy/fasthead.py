@@ -68,6 +68,7 @@ log = logging.getLogger("sstate_proxy.fasthead")
 ENV_SWITCH = "SSTATE_PROXY_NO_FASTHEAD"
 MAX_HEAD = 8192  # a longer request head goes to aiohttp (which has its own limits)
 MAX_HEADERS = 64  # header lines, with the request line
+TARGET_MEMO = 1024  # request targets whose (key, name) are remembered
 MAX_BUFFER = 256 * 1024  # pause reading while this much is waiting behind a request in flight
 READ = ("@read",)
 # Reserved for the application's own routes in any case (besides what the router holds).
@@ -159,6 +160,7 @@ class FastHead:
         # GET bodies are files for sendfile(2): local storage, and no TLS (which needs reads)
         self.methods = frozenset(("HEAD", "GET") if local and not tls else ("HEAD",))
         self.connections: set[FastHeadProtocol] = set()
+        self._targets: dict[str, tuple[str, SstateName | None] | None] = {}
         self.closing = False
         self._drained: asyncio.Future | None = None
         self._miss = {}
@@ -202,7 +204,19 @@ class FastHead:
     def qualifies(self, target: str) -> tuple[str, SstateName | None] | None:
         """The mirror's (key, name) for ``target`` if aiohttp's router would give it to the
         mirror; None for anything else (not under the prefix, the application's own routes, a
-        path the mirror refuses with 400, a dot segment aiohttp would normalise away)."""
+        path the mirror refuses with 400, a dot segment aiohttp would normalise away).
+
+        Remembered for up to TARGET_MEMO targets (it is a pure function of the target):
+        bitbake asks for some paths more than once (two HEADs per miss; the GET of what a HEAD
+        found), and parsing the name is a good part of a HEAD's cost."""
+        found = self._targets.get(target, False)
+        if found is False:
+            if len(self._targets) >= TARGET_MEMO:
+                self._targets.clear()
+            found = self._targets[target] = self._qualifies(target)
+        return found
+
+    def _qualifies(self, target: str) -> tuple[str, SstateName | None] | None:
         try:
             key, name = self.mirror.key_of_raw(target)
         except web.HTTPException:
