@@ -27,8 +27,11 @@ aiohttp's.
 With local storage and SQLite (whose lookups never suspend) a request's coroutine is run to
 completion inline in ``data_received``; if it does suspend, or with other backends, it runs as a
 task. A GET's head is written at once, then the file goes out with sendfile(2): inline as far as
-the socket takes it (a whole object of a few MiB, usually), the rest with ``loop.sendfile`` in a
-task, the connection busy until it is done. A transfer that fails (client gone, file shrunk)
+the socket takes it (a whole object of a few MiB, usually), the rest each time the socket is
+writable again (a writer on a duplicate of the socket's fd, registered once per transfer:
+``loop.sendfile`` pauses reading and registers and unregisters the socket for every chunk, which
+costs as much as the copy; it is still used when the head is not out yet, or when sendfile(2)
+cannot send the file), the connection busy until it is done. A transfer that fails (client gone, file shrunk)
 closes the connection, as with aiohttp: wget notices the short body (Content-Length) and resumes
 with Range. The access line of a GET counts what aiohttp's counts: the bytes written through the
 response, i.e. the head (and the text of an error), not what sendfile sent.
@@ -124,6 +127,23 @@ class _Resume:
 
 async def _resume(coro, fut):
     return await _Resume(coro, fut)
+
+
+class _Transfer:
+    """A GET's file going out with sendfile(2) after its head (``req``'s answer)."""
+
+    __slots__ = ("fobj", "offset", "left", "length", "req", "status", "nbytes", "source", "wait_fd")
+
+    def __init__(self, fobj: BinaryIO, start: int, length: int, req: Req, status: int, nbytes: int,
+                 source: str) -> None:
+        self.fobj = fobj
+        self.offset = start
+        self.left = self.length = length
+        self.req = req
+        self.status = status
+        self.nbytes = nbytes  # of the head: what the access line counts
+        self.source = source
+        self.wait_fd = -1  # a duplicate of the socket's fd while waiting for it to take more
 
 
 class FastHead:
@@ -256,7 +276,7 @@ class FastHead:
 
 class FastHeadProtocol(asyncio.Protocol):
     __slots__ = ("fh", "loop", "transport", "fd", "buf", "busy", "closed", "eof", "paused_reading",
-                 "paused_writing", "last_active", "idle_handle")
+                 "paused_writing", "last_active", "idle_handle", "transfer")
 
     def __init__(self, fh: FastHead) -> None:
         self.fh = fh
@@ -271,6 +291,7 @@ class FastHeadProtocol(asyncio.Protocol):
         self.paused_writing = False
         self.last_active = 0.0
         self.idle_handle: asyncio.TimerHandle | None = None
+        self.transfer: _Transfer | None = None  # waiting for the socket
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -306,6 +327,8 @@ class FastHeadProtocol(asyncio.Protocol):
         if self.idle_handle is not None:
             self.idle_handle.cancel()
             self.idle_handle = None
+        if self.transfer is not None:
+            self._end(self.transfer, exc or ConnectionResetError("connection lost during a transfer"))
 
     def pause_writing(self) -> None:
         self.paused_writing = True
@@ -324,6 +347,8 @@ class FastHeadProtocol(asyncio.Protocol):
             if self.idle_handle is not None:
                 self.idle_handle.cancel()
                 self.idle_handle = None
+            if self.transfer is not None:
+                self._end(self.transfer, ConnectionAbortedError("connection closed during a transfer"))
             self.transport.close()
 
     def _idle_check(self) -> None:
@@ -482,30 +507,67 @@ class FastHeadProtocol(asyncio.Protocol):
             self.transport.write(data)
             self._log(req, status, len(data), source)  # aiohttp's body_length: what went through
             return self._next(req)
-        # A GET's bytes: the head, then the file with sendfile(2). The socket usually takes a
-        # whole object of a few MiB at once, so that is tried inline; the rest goes in a task.
+        # A GET's bytes: the head, then the file with sendfile(2) on the socket, inline as far
+        # as the socket takes it (a whole object of a few MiB, usually), the rest whenever the
+        # socket is writable again.
         fobj, start, length = body
         self.transport.write(data)
-        nbytes = len(data)
-        sent = 0
-        if length and not self.transport.get_write_buffer_size():
-            try:
-                sent = os.sendfile(self.fd, fobj.fileno(), start, length)
-                if not sent:
+        t = _Transfer(fobj, start, length, req, status, len(data), source)
+        if self.transport.get_write_buffer_size():  # the head waits in the transport's buffer
+            return self._loop_sendfile(t)
+        return self._send_file(t)
+
+    def _send_file(self, t: _Transfer) -> bool:
+        """Send as much of ``t`` as the socket takes; True if the connection may go on now."""
+        try:
+            while t.left:
+                n = os.sendfile(self.fd, t.fobj.fileno(), t.offset, t.left)
+                if not n:
                     raise ConnectionResetError("file shrank during transfer")
-            except (BlockingIOError, InterruptedError):
-                pass
-            except ConnectionError as exc:
-                fobj.close()
-                return self._done(req, status, nbytes, source, length, exc)
-            except OSError:
-                pass  # loop.sendfile says what it is (or falls back to plain reads)
-        if sent == length:
-            fobj.close()
-            return self._done(req, status, nbytes, source, length, None)
+                t.offset += n
+                t.left -= n
+        except (BlockingIOError, InterruptedError):
+            if t.wait_fd < 0:
+                # Wait for the socket on a duplicate of its fd: the transport keeps the original
+                # registered for reading (pipelined requests wait in the buffer meanwhile).
+                t.wait_fd = os.dup(self.fd)
+                self.loop.add_writer(t.wait_fd, self._writable)
+                self.transfer = t
+                self.busy = True
+            return False
+        except ConnectionError as exc:
+            return self._end(t, exc)
+        except OSError as exc:
+            if t.left != t.length or t.wait_fd >= 0:
+                return self._end(t, exc)
+            return self._loop_sendfile(t)  # says what it is, or falls back to plain reads
+        return self._end(t, None)
+
+    def _writable(self) -> None:
+        try:
+            if self.transfer is not None and self._send_file(self.transfer):
+                self._process()
+        except Exception:  # never out of a loop callback
+            log.exception("fast path failed during a transfer; closing the connection")
+            self.close()
+
+    def _end(self, t: _Transfer, exc: BaseException | None) -> bool:
+        """``t`` is done (or failed with ``exc``); True if the connection may go on now."""
+        if t.wait_fd >= 0:
+            self.loop.remove_writer(t.wait_fd)
+            os.close(t.wait_fd)
+            t.wait_fd = -1
+            self.transfer = None
+            self.busy = False
+        t.fobj.close()
+        return self._done(t.req, t.status, t.nbytes, t.source, t.length, exc)
+
+    def _loop_sendfile(self, t: _Transfer) -> bool:
+        """The rest of ``t`` with loop.sendfile in a task (it waits for the transport's buffer to
+        drain first, and reads the file when sendfile(2) cannot send it)."""
         self.busy = True
-        task = self.loop.create_task(self._send(fobj, start + sent, length - sent))
-        task.add_done_callback(partial(self._sent, req, status, nbytes, source, length))
+        task = self.loop.create_task(self._send(t.fobj, t.offset, t.left))
+        task.add_done_callback(partial(self._sent, t.req, t.status, t.nbytes, t.source, t.length))
         return False
 
     def _next(self, req: Req) -> bool:

@@ -629,3 +629,48 @@ async def test_object_vanishing_between_stat_and_open(in_process, monkeypatch):
     assert answers[0] == answers[2] and answers[1] == answers[3]
     assert answers[0][0][0].split(" ")[1] == answers[1][0][0].split(" ")[1] == "404"
     assert answers[0][0][2] == b"no such object\n"
+
+
+@pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")  # app code, in-process
+async def test_get_behind_a_backlog_of_answers(in_process, monkeypatch):
+    """A GET's head that waits in the transport's buffer (the client reads slowly): its body
+    follows through loop.sendfile, in order; the same bytes as plain aiohttp."""
+    import threading
+
+    from proxy import fasthead
+    from proxy.app import PARTS
+
+    app, _, ports = in_process
+    root = Path(app[PARTS]["store"].root)
+    write_special_objects(root)
+    small = q("ab/cd/small.bin").encode()
+    (root / "ab/cd/small.bin").write_bytes(b"s" * 100)
+    calls = []
+    real = fasthead.FastHeadProtocol._loop_sendfile
+    monkeypatch.setattr(fasthead.FastHeadProtocol, "_loop_sendfile",
+                        lambda self, t: (calls.append(t.length), real(self, t))[1])
+    made = fasthead.FastHeadProtocol.connection_made
+
+    def small_send_buffer(self, transport):  # so that answers back up in the transport's buffer
+        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+        made(self, transport)
+
+    monkeypatch.setattr(fasthead.FastHeadProtocol, "connection_made", small_send_buffer)
+    data = head(small) * 3000 + get(q(LARGE).encode()) + head(small, b"Connection: close\r\n")
+
+    def slow_client(port: int) -> list[tuple]:
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.settimeout(20)
+        s.connect(("127.0.0.1", port))
+        threading.Thread(target=s.sendall, args=(data,), daemon=True).start()
+        time.sleep(0.3)  # the answers back up
+        try:
+            return read_responses(s, data, 3002)
+        finally:
+            s.close()
+
+    out = [comparable(await asyncio.to_thread(slow_client, port)) for port in ports]
+    assert out[0] == out[1]
+    assert out[0][3000][2] == (root / LARGE).read_bytes()
+    assert calls == [LARGE_SIZE]  # the fast port's GET went that way
