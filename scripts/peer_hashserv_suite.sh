@@ -23,9 +23,10 @@ cleanup() {
 trap cleanup EXIT
 free_port() { "$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
 
-start() { # NAME [--hashserv-bind ADDR]
+start() { # NAME [--hashserv-bind ADDR]; sets HTTP_PORT (not run in $(...): PIDS must be ours)
     local name=$1 http; shift
     http=$(free_port)
+    HTTP_PORT=$http
     mkdir -p "$WORK/$name"
     (cd "$WORK/$name" && SSTATE_PROXY_ADMIN_USER=admin SSTATE_PROXY_ADMIN_TOKEN=password \
         PYTHONPATH="$HERE" exec "$PYTHON" -m proxy.cli serve --bind "127.0.0.1:$http" \
@@ -36,13 +37,13 @@ start() { # NAME [--hashserv-bind ADDR]
         curl -sf "http://127.0.0.1:$http/healthz" >/dev/null 2>&1 && break
         sleep 0.1
     done
-    echo "$http"
 }
 
 tcp_port=$(free_port)
-start tcp --hashserv-bind "127.0.0.1:$tcp_port" >/dev/null
-ws_http=$(start ws)
-start unix --hashserv-bind "unix://$WORK/unix/hs.sock" >/dev/null
+start tcp --hashserv-bind "127.0.0.1:$tcp_port"
+start ws
+ws_http=$HTTP_PORT
+start unix --hashserv-bind "unix://$WORK/unix/hs.sock"
 
 status=0
 for t in "tcp 127.0.0.1:$tcp_port" "ws ws://127.0.0.1:$ws_http/ws" "unix unix://$WORK/unix/hs.sock"; do
