@@ -169,6 +169,9 @@ async def test_replay_skips_live_journals_and_torn_tails(tmp_path: Path):
         [live_file] = journal_files(path)
         # a dead writer's journal: two good records and a torn last line (never acknowledged)
         dead = Path(journal.directory_for(str(path))) / "1-deadbeef.jsonl"
+        litter = dead.with_name(".1-feedface.tmp")  # a writer killed while creating its journal
+        litter.write_text("")
+        os.utime(litter, (time.time() - 120, time.time() - 120))  # not one being created now
         dead.write_text(json.dumps(["u", M, h("d1"), h("u-d1")]) + "\n"
                         + json.dumps(["r", {"method": M, "taskhash": h("d2"), "outhash": h("od2")}, h("u-d2")])
                         + "\n" + '["u", "' + M + '", "torn')
@@ -181,7 +184,7 @@ async def test_replay_skips_live_journals_and_torn_tails(tmp_path: Path):
             assert (await other.get_outhash(M, h("od2")))["taskhash"] == h("d2")
         finally:
             await other.close()
-        assert not dead.exists()
+        assert not dead.exists() and not litter.exists()
         assert live_file.exists()  # held by a live writer: not touched
         # replaying a journal twice changes nothing (INSERT OR IGNORE)
         dead.write_text(json.dumps(["u", M, h("d1"), h("other")]) + "\n")

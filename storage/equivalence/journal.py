@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import secrets
+import time
 from typing import Any
 
 log = logging.getLogger("sstate_proxy.equivalence.journal")
@@ -139,6 +140,9 @@ def orphans(directory: str) -> list[Orphan]:
         return []
     found: list[Orphan] = []
     for name in names:
+        if name.startswith(".") and name.endswith(".tmp"):
+            _drop_unlocked(os.path.join(directory, name))  # a writer died while creating it
+            continue
         if not name.endswith(_EXT):
             continue
         path = os.path.join(directory, name)
@@ -158,6 +162,22 @@ def orphans(directory: str) -> list[Orphan]:
             os.close(fd)
             raise
     return found
+
+
+def _drop_unlocked(path: str) -> None:
+    try:
+        if time.time() - os.stat(path).st_mtime < 60:
+            return  # may be a live writer's, between its open and its flock
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.unlink(path)
+    except OSError:
+        pass  # being created by a live writer right now
+    finally:
+        os.close(fd)
 
 
 def _parse(data: bytes, path: str) -> list[list[Any]]:
