@@ -65,7 +65,6 @@ class Journal:
                 os.unlink(tmp)
             raise
         self.fd = fd
-        self.waiting = os.path.join(directory, WAITING)
         self.size = 0
 
     def append(self, record: list[Any]) -> None:
@@ -106,11 +105,12 @@ def note_waiting(directory: str) -> None:
         pass
 
 
-def waited_since(directory: str, since_ns: int) -> bool:
+def waiting_stamp(directory: str) -> int:
+    """Changes whenever a writer notes that it waits (note_waiting); 0 before the first."""
     try:
-        return os.stat(os.path.join(directory, WAITING)).st_mtime_ns >= since_ns
+        return os.stat(os.path.join(directory, WAITING)).st_mtime_ns
     except OSError:
-        return False
+        return 0
 
 
 class Orphan:

@@ -337,10 +337,14 @@ class SqliteEquivalenceDB:
             conn.execute("ROLLBACK")
             return result
         conn.execute("COMMIT")
+        self._committed()
+        return result
+
+    def _committed(self) -> None:
+        """Count a commit of the main connection; every CHECKPOINT_EVERY-th starts a checkpoint."""
         self._commits += 1
         if self._commits % CHECKPOINT_EVERY == 0:
             self._start_checkpoint()
-        return result
 
     def _start_checkpoint(self) -> None:
         """A PASSIVE WAL checkpoint in a worker thread on its own connection (never blocks writers)."""
@@ -673,19 +677,16 @@ class SqliteEquivalenceDB:
             conn.execute("ROLLBACK")
             raise
         self._window = True
-        self._waiting_seen = self._waiting_stamp()
+        self._waiting_seen = journal.waiting_stamp(self._journal_dir)
         self._window_timer = asyncio.get_running_loop().call_later(self.commit_interval, self._commit_window)
 
-    def _waiting_stamp(self) -> int:
-        try:
-            return os.stat(os.path.join(self._journal_dir, journal.WAITING)).st_mtime_ns
-        except OSError:
-            return 0
-
-    def _commit_window(self) -> None:
+    def _disarm(self) -> None:
         if self._window_timer is not None:
             self._window_timer.cancel()
             self._window_timer = None
+
+    def _commit_window(self) -> None:
+        self._disarm()
         if not self._window:
             return
         self._window = False
@@ -703,18 +704,14 @@ class SqliteEquivalenceDB:
             self._journal.clear()
         except OSError as exc:  # committed anyway; a replay of the leftovers changes nothing
             log.warning("could not truncate the journal: %s", exc)
-        self._commits += 1
-        if self._commits % CHECKPOINT_EVERY == 0:
-            self._start_checkpoint()
-        if self._waiting_stamp() != self._waiting_seen:  # a writer elsewhere waits: let it in
+        self._committed()
+        if journal.waiting_stamp(self._journal_dir) != self._waiting_seen:  # a writer elsewhere waits: let it in
             self._cooldown_until = time.monotonic() + COOLDOWN_S
 
     def _reset_window(self) -> None:
         """A write failed inside the window: roll the window back and reopen it from the journal
         at once, so that this process keeps answering with every acknowledged write."""
-        if self._window_timer is not None:
-            self._window_timer.cancel()
-            self._window_timer = None
+        self._disarm()
         if self._window:
             self._window = False
             with contextlib.suppress(sqlite3.Error):
