@@ -322,13 +322,17 @@ class FastHeadProtocol(asyncio.Protocol):
         return True
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        self._teardown(exc or ConnectionResetError("connection lost during a transfer"))
+
+    def _teardown(self, exc: BaseException) -> None:
+        """Stop everything this connection has going: idle timer, a transfer (ended with ``exc``)."""
         self.closed = True
         self.fh.forget(self)
         if self.idle_handle is not None:
             self.idle_handle.cancel()
             self.idle_handle = None
         if self.transfer is not None:
-            self._end(self.transfer, exc or ConnectionResetError("connection lost during a transfer"))
+            self._end(self.transfer, exc)
 
     def pause_writing(self) -> None:
         self.paused_writing = True
@@ -342,13 +346,7 @@ class FastHeadProtocol(asyncio.Protocol):
 
     def close(self) -> None:
         if not self.closed:
-            self.closed = True
-            self.fh.forget(self)
-            if self.idle_handle is not None:
-                self.idle_handle.cancel()
-                self.idle_handle = None
-            if self.transfer is not None:
-                self._end(self.transfer, ConnectionAbortedError("connection closed during a transfer"))
+            self._teardown(ConnectionAbortedError("connection closed during a transfer"))
             self.transport.close()
 
     def _idle_check(self) -> None:
