@@ -11,11 +11,17 @@
 # proxy/reference ratios and the server CPU time each server used (from /proc: a measure that
 # suffers less from a busy machine than the rates do).
 #
+# Order: within a round each reference runs right next to the proxy on the same transport, and
+# which of the two goes first alternates from pair to pair and from round to round (ABBA). A
+# shared VM drifts between fast and slow spells lasting seconds; with a fixed order (all
+# references, then all proxies) such a spell lands on one side only. The per-round ratios of
+# each pair are printed too (their median is a second estimate, less sensitive to drift).
+#
 # Environment:
 #   BITBAKE_DIR   extracted bitbake tree (required; see the harness --help)
 #   PYTHON        interpreter of the venv holding sstate-proxy + websockets (default: python3)
 #   HARNESS       path of the shared harness (default /work/shared/harness/hashserv_bench.sh)
-#   BENCH_ROUNDS  harness runs (default 3); BENCH_N, BENCH_* are passed to the harness
+#   BENCH_ROUNDS  harness runs (default 7); BENCH_N, BENCH_* are passed to the harness
 #   BENCH_JSON    keep the per-round JSON results in this file (default: a temp file)
 set -u
 PYTHON=${PYTHON:-python3}
@@ -25,7 +31,7 @@ HERE=$(cd "$(dirname "$0")/.." && pwd)
 BITBAKE_DIR=$(cd "$BITBAKE_DIR" && pwd)
 export BITBAKE_DIR PYTHON
 ANON="@read,@report,@db-admin"
-ROUNDS=${BENCH_ROUNDS:-3}
+ROUNDS=${BENCH_ROUNDS:-7}
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/sstate-proxy-bench.XXXXXX")
 JSON=${BENCH_JSON:-$WORK/bench.jsonl}
@@ -95,7 +101,11 @@ for round in $(seq 1 "$ROUNDS"); do
     declare -A C0
     for l in "${LABELS[@]}"; do C0[$l]=$(cpu "${PID[$l]}"); done
     args=()
-    for l in "${LABELS[@]}"; do args+=("$l=${ADDR[$l]}"); done
+    for i in 0 1 2; do  # pairs by transport; the first of each pair alternates (ABBA)
+        k=(tcp ws unix); k=${k[$i]}
+        if (( (round + i) % 2 )); then pair=("ref-$k" "proxy-$k"); else pair=("proxy-$k" "ref-$k"); fi
+        for l in "${pair[@]}"; do args+=("$l=${ADDR[$l]}"); done
+    done
     BENCH_REFERENCE=none BENCH_JSON="$JSON" bash "$HARNESS" "${args[@]}" || rc=$?
     for l in "${LABELS[@]}"; do
         echo "$l $(echo "$(cpu "${PID[$l]}") - ${C0[$l]}" | bc)" >>"$CPUS"
@@ -105,11 +115,16 @@ done
 # Medians over the rounds, ratios proxy / reference, server CPU seconds per round.
 "$PYTHON" - "$JSON" "$CPUS" <<'PY'
 import json, statistics, sys
-runs, cpu = {}, {}
+runs, per_round, cpu = {}, {}, {}  # per_round[label][phase] = [rate or None, one per round]
 for line in open(sys.argv[1]):
     if line.strip():
         d = json.loads(line)
+        rounds = per_round.setdefault(d["label"], {})
+        n = max((len(v) for v in rounds.values()), default=0)
         for p, v in d["phases"].items():
+            col = rounds.setdefault(p, [])
+            col.extend([None] * (n - len(col)))
+            col.append(v.get("rate"))
             if "rate" in v:
                 runs.setdefault(d["label"], {}).setdefault(p, []).append((v["rate"], v.get("errors", 0)))
 for line in open(sys.argv[2]):
@@ -128,21 +143,38 @@ for p in phases:
 print("| server CPU s per round (median) | " + " | ".join(
     f"{statistics.median(cpu.get(l, [0])):.2f}" for l in labels) + " |")
 kinds = [k for k in ("tcp", "ws", "unix") if f"ref-{k}" in runs and f"proxy-{k}" in runs]
-print()
-print("ratio proxy / reference (median rates; >= 1.0 means the proxy is faster)")
-print("| phase | " + " | ".join(kinds) + " |")
-print("|---|" + "---:|" * len(kinds))
-for p in phases:
-    cells = []
-    for k in kinds:
-        a, b = med[(f"proxy-{k}", p)], med[(f"ref-{k}", p)]
-        cells.append(f"{a / b:.2f}x" if a and b else "-")
-    print(f"| {p} | " + " | ".join(cells) + " |")
+
+
+def ratio_table(title, cell):
+    """One row per phase, one column per transport; cell(kind, phase) -> text."""
+    print()
+    print(title)
+    print("| phase | " + " | ".join(kinds) + " |")
+    print("|---|" + "---:|" * len(kinds))
+    for p in phases:
+        print(f"| {p} | " + " | ".join(cell(k, p) for k in kinds) + " |")
+
+
+def median_ratio(k, p):
+    a, b = med[(f"proxy-{k}", p)], med[(f"ref-{k}", p)]
+    return f"{a / b:.2f}x" if a and b else "-"
+
+
+def paired_ratio(k, p):
+    """Median of the per-round proxy/reference ratios (the two ran next to each other)."""
+    a = per_round.get(f"proxy-{k}", {}).get(p, [])
+    b = per_round.get(f"ref-{k}", {}).get(p, [])
+    r = [x / y for x, y in zip(a, b) if x and y]
+    return f"{statistics.median(r):.2f}x [{min(r):.2f}-{max(r):.2f}]" if r else "-"
+
+
+ratio_table("ratio proxy / reference (median rates; >= 1.0 means the proxy is faster)", median_ratio)
 cells = []
 for k in kinds:
     a, b = statistics.median(cpu.get(f"proxy-{k}", [0])), statistics.median(cpu.get(f"ref-{k}", [0]))
     cells.append(f"{b / a:.2f}x" if a and b else "-")
 print("| server CPU efficiency (ref CPU / proxy CPU) | " + " | ".join(cells) + " |")
+ratio_table("paired ratios: median of the per-round proxy/reference ratios [lowest-highest round]", paired_ratio)
 wrong = sorted({(l, p) for l in runs for p, v in runs[l].items() if any(e for _, e in v)})
 print("wrong results:", wrong or "none")
 PY

@@ -68,8 +68,9 @@ async def test_fresh_schema(db: SqliteEquivalenceDB, path: str):
     con = sqlite3.connect(path)
     objs = {(t, n) for t, n in con.execute("SELECT type, name FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'")}
     assert {("table", t) for t in ("unihashes_v3", "outhashes_v2", "users", "config")} <= objs
-    assert {("index", i) for i in ("taskhash_lookup_v4", "unihash_lookup_v1", "outhash_lookup_v3",
-                                   "config_lookup")} <= objs
+    assert {("index", i) for i in ("unihash_lookup_v1", "outhash_lookup_v3", "config_lookup")} <= objs
+    # bitbake's taskhash_lookup_v4 duplicates UNIQUE(method, taskhash): not kept (module notes)
+    assert ("index", "taskhash_lookup_v4") not in objs
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     cols = [r[1] for r in con.execute("PRAGMA table_info(outhashes_v2)")]
     assert cols == ["id", "method", "taskhash", "outhash", "created", "owner", "PN", "PV", "PR", "task",
@@ -119,8 +120,26 @@ async def test_opens_handmade_bitbake_db(path: str):
     finally:
         await db.close()
     con = sqlite3.connect(path)
-    assert sorted(con.execute("SELECT type, name, sql FROM sqlite_master")) == schema_before  # no migration
+    # Nothing migrated; only the redundant taskhash_lookup_v4 is gone (bitbake re-creates it).
+    assert sorted(con.execute("SELECT type, name, sql FROM sqlite_master")) == [
+        r for r in schema_before if r[1] != "taskhash_lookup_v4"]
     con.close()
+
+
+async def test_lookups_by_taskhash_are_index_seeks_without_taskhash_lookup_v4(db: SqliteEquivalenceDB):
+    """Every (method, taskhash) query the service makes still seeks an index (the UNIQUE one)."""
+    await db.insert_report({"method": M, "taskhash": h("t"), "outhash": h("o")}, h("u"))
+    c = db._conn
+    queries = [
+        ("SELECT taskhash, method, unihash FROM unihashes_v3 WHERE method = ? AND taskhash = ?", (M, h("t"))),
+        ("SELECT unihash FROM unihashes_v3 WHERE method = ? AND taskhash = ?", (M, h("t"))),
+        ("DELETE FROM unihashes_v3 WHERE method = ? AND taskhash = ?", (M, h("t"))),
+    ]
+    for sql, params in queries:
+        plan = " ".join(r[3] for r in c.execute("EXPLAIN QUERY PLAN " + sql, params))
+        assert "sqlite_autoindex_unihashes_v3_1 (method=? AND taskhash=?)" in plan, (sql, plan)
+        assert "SCAN unihashes_v3" not in plan, (sql, plan)
+    assert await db.class_of(h("t"), (), 8) == [h("u")]
 
 
 async def test_migrates_unihashes_v2_and_creates_missing(path: str):

@@ -70,6 +70,54 @@ async def test_answered_at_once_committed_within_the_interval(tmp_path: Path):
     assert journal_files(path) == []  # a clean close leaves no journal
 
 
+async def test_a_window_due_soon_commits_at_the_next_quiet_moment(tmp_path: Path):
+    """quiet_moment (a face answered and waits for its client) commits a window that is at least
+    half the interval old, before its timer; a younger window stays open."""
+    path = tmp_path / "hs.db"
+    db = SqliteEquivalenceDB(str(path), commit_interval_ms=1000)
+    try:
+        await db.insert_report({"method": M, "taskhash": h("t1"), "outhash": h("o1")}, h("u1"))
+        db.quiet_moment()
+        assert committed(path, h("t1")) is None  # young: not yet
+        await asyncio.sleep(0.6)
+        assert committed(path, h("t1")) is None  # the 1 s timer has not fired
+        db.quiet_moment()
+        assert committed(path, h("t1")) == h("u1")
+        assert [f.read_text() for f in journal_files(path)] == [""]
+        db.quiet_moment()  # no window: nothing to do
+    finally:
+        await db.close()
+
+
+async def test_the_hashserv_face_commits_after_answering(service_factory):
+    """Over the protocol: a report answered when the window is past half its interval commits
+    the window right after the answer (the quiet moment), long before the timer."""
+    port = free_port()
+    svc = service_factory("svc", config={"database": {"commit_interval_ms": 1000}},
+                          args=["--hashserv-bind", f"127.0.0.1:{port}", "--anon-perms", "@read,@report"])
+    svc.start()
+    client = await connect(f"127.0.0.1:{port}")
+    try:
+        t0 = time.monotonic()
+        await client.report_unihash(h("t1"), M, h("o1"), h("u1"))
+        assert committed(svc.database, h("t1")) is None  # young window: answered, not committed
+        await asyncio.sleep(0.6)
+        r = await client.report_unihash(h("t2"), M, h("o1"), h("u2"))
+        assert r["unihash"] == h("u1")
+        # the commit follows the answer (the server answers first): wait for it, but not for
+        # the timer, which fires 1 s after the first report
+        while True:
+            seen = committed(svc.database, h("t1")), committed(svc.database, h("t2"))
+            elapsed = time.monotonic() - t0
+            if seen != (None, None) or elapsed > 0.9:
+                break
+            await asyncio.sleep(0.005)
+    finally:
+        await client.close()
+    assert elapsed < 0.9, "too slow to tell the quiet moment from the timer"
+    assert seen == (h("u1"), h("u1"))
+
+
 async def test_other_writes_commit_the_window_first(tmp_path: Path):
     path = tmp_path / "hs.db"
     db = SqliteEquivalenceDB(str(path), commit_interval_ms=60_000)

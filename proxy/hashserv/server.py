@@ -134,6 +134,10 @@ def handler(name: str, *perms: str, allow_anon: bool = True, self_service: bool 
 NO_RESPONSE = object()
 
 
+def _nothing() -> None:
+    pass
+
+
 class Connection:
     """One client connection, on any transport."""
 
@@ -146,6 +150,8 @@ class Connection:
         self.stats = service.stats
         self.table = service.table
         self.upstream = None  # per-connection upstream client, opened on first need
+        # deferred database work (the write-behind commit) waits for a moment the client is busy
+        self._quiet: Callable[[], None] = getattr(self.db, "quiet_moment", None) or _nothing
 
     # --- driver --------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -192,6 +198,7 @@ class Connection:
                     io.write_message(response)
                     if not io.corks or not io.has_pending():
                         await io.flush()
+                        self._quiet()
         except ConnectionClosed:
             pass
         except ProtocolError as e:

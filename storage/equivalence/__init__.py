@@ -121,6 +121,11 @@ class EquivalenceDB(Protocol):
 
     async def close(self) -> None: ...
 
+    def quiet_moment(self) -> None:
+        """A face has answered and waits for its client: the moment for deferred work (the
+        SQLite write-behind commit) that would otherwise delay the next request. Optional: the
+        faces look it up with ``getattr``."""
+
     # --- archive identity (storage dedup; sstate-proxy's own table, NOT hash equivalence) ------
     # Rows live in ``sstate_proxy_archives`` under the method name
     # storage.archive_identity.METHOD; they never reach unihashes_v3/outhashes_v2 and are never

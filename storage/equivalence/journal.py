@@ -38,6 +38,7 @@ log = logging.getLogger("sstate_proxy.equivalence.journal")
 SUFFIX = ".journal"
 WAITING = "writers-waiting"
 _EXT = ".jsonl"
+_encode = json.JSONEncoder(separators=(",", ":")).encode  # json.dumps(separators=...) builds one per call
 
 
 def directory_for(db_path: str) -> str:
@@ -69,7 +70,7 @@ class Journal:
 
     def append(self, record: list[Any]) -> None:
         """One record, one write(2); raises if it did not all reach the file."""
-        data = (json.dumps(record, separators=(",", ":")) + "\n").encode()
+        data = (_encode(record) + "\n").encode()
         n = os.write(self.fd, data)
         if n != len(data):  # only on a full disk; the torn line is ignored by replay
             raise OSError(f"short write to the journal ({n} of {len(data)} bytes)")
