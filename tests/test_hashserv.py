@@ -256,6 +256,62 @@ async def test_raw_stream_modes(make_server, transport):
     w.close()
 
 
+@pytest.mark.parametrize("transport", ("tcp", "unix"))
+async def test_stream_lines_answered_in_place_and_handed_back(make_server, transport):
+    """Stream lines are answered right where they are read (no coroutine per line); END, the
+    next message and a second stream session in the same packet still come out in order."""
+    srv = await make_server(anon_perms=("@read", "@report"))
+    t, u = h("p", "t"), h("p", "u")
+    r, w = await raw_open(srv.addr[transport])
+    await handshake(w)
+    w.write((json.dumps({"report": {"taskhash": t, "method": M, "outhash": h("p", "o"), "unihash": u}}) + "\n"
+             ).encode())
+    assert json.loads(await r.readline())["unihash"] == u
+    w.write(b'{"get-stream": null}\n')
+    assert await r.readline() == b'"ok"\n'
+    w.write(f"{M} {t}\n".encode())  # one line: answered in data_received
+    assert await r.readline() == (u + "\n").encode()
+    w.write(f"{M} {t}\nEND\n{{\"ping\": {{}}}}\n{{\"exists-stream\": null}}\n{u}\n{h('no')}\nEND\n".encode())
+    assert [await r.readline() for _ in range(7)] == [
+        (u + "\n").encode(), b"ok\n", b'{"alive": true}\n', b'"ok"\n', b"true\n", b"false\n", b"ok\n"]
+    stats = srv.svc.stats.todict()
+    assert stats["num"] >= 7  # every stream line (and END) is counted, as bitbake counts them
+    w.close()
+
+
+async def test_a_stream_client_that_does_not_read_is_answered_in_order(make_server):
+    """A client pipelining far more lines than the socket buffers hold, reading nothing until it
+    has sent them all: the server stops answering in place when its writes back up, waits for
+    the client, and every answer arrives, in order."""
+    srv = await make_server(anon_perms=("@read", "@report"))
+    known = {}
+    r, w = await raw_open(srv.addr["unix"])  # small socket buffers (loopback tcp grows to MBs)
+    await handshake(w)
+    for i in range(20):
+        t, u = h("nr", "t", i), h("nr", "u", i)
+        w.write((json.dumps({"report": {"taskhash": t, "method": M, "outhash": h("nr", "o", i), "unihash": u}})
+                 + "\n").encode())
+        known[t] = u
+    for _ in range(20):
+        await r.readline()
+    w.write(b'{"get-stream": null}\n')
+    assert await r.readline() == b'"ok"\n'
+    n = 60_000
+    taskhashes = [h("nr", "t", i % 40) for i in range(n)]  # half of them known
+    w.transport.pause_reading()  # read nothing until the server's writes have backed up
+    w.write("".join(f"{M} {t}\n" for t in taskhashes).encode() + b"END\n")
+    for _ in range(100):
+        await asyncio.sleep(0.02)
+        if any(io._write_paused for io in srv.svc._streams):
+            break
+    assert any(io._write_paused for io in srv.svc._streams), "the server's writes never backed up"
+    w.transport.resume_reading()
+    replies = [await asyncio.wait_for(r.readline(), 30) for _ in range(n + 1)]
+    assert replies[-1] == b"ok\n"
+    assert replies[:-1] == [(known.get(t, "") + "\n").encode() for t in taskhashes]
+    w.close()
+
+
 async def test_needs_headers_and_chunked_request(make_server):
     srv = await make_server()
     r, w = await raw_open(srv.addr["tcp"])

@@ -339,17 +339,35 @@ class Connection:
         return row
 
     # --- stream modes --------------------------------------------------------------------------
-    async def _stream(self, fn: Callable[[str], Awaitable[str]]) -> object:
+    async def _stream(self, fn: Callable[[str], Awaitable[str]],
+                      now: Callable[[str], str] | None = None) -> object:
+        """Answer one line per line until END. ``now``: the same answer as a plain function,
+        given when the database answers in the event loop and no upstream may be asked; it
+        saves the coroutines of each line (a third of a line's server time)."""
         io = self.io
         io.write_message("ok")
         await io.flush()
         stats = self.stats
         perf = time.perf_counter
         corks = io.corks
+        answer_in_place = None
+        if now is not None and getattr(io, "eager", False):
+
+            def answer_in_place(line: str) -> str | None:
+                if not line or line.isspace() or line == "END":
+                    return None  # the loop below ends the stream
+                t0 = perf()
+                try:
+                    return now(line)
+                finally:
+                    stats.add(perf() - t0)
+
         while True:
             if corks and io.has_pending():
                 line = io.pop_nowait()
             else:
+                if answer_in_place is not None:
+                    io.set_line_handler(answer_in_place)  # type: ignore[attr-defined]
                 line = await io.recv()
             if not line or line.isspace():
                 break
@@ -358,7 +376,7 @@ class Connection:
                 stats.add(perf() - t0)
                 break
             try:
-                io.write_line(await fn(line))
+                io.write_line(now(line) if now is not None else await fn(line))
             finally:
                 stats.add(perf() - t0)
             if not corks:
@@ -392,6 +410,13 @@ class Connection:
         get_unihash = self.db.get_unihash
         upstream = bool(self.service.upstream_address)
         service = self.service
+        unihash_now = None if upstream else getattr(self.db, "unihash_now", None)
+
+        def lookup_now(line: str) -> str:
+            parts = line.split()
+            if len(parts) != 2:
+                raise ProtocolError("get-stream line needs METHOD TASKHASH")
+            return unihash_now(parts[0], parts[1]) or ""  # type: ignore[misc]
 
         async def lookup(line: str) -> str:
             parts = line.split()
@@ -407,12 +432,16 @@ class Connection:
                     return u
             return ""
 
-        return await self._stream(lookup)
+        return await self._stream(lookup, lookup_now if unihash_now is not None else None)
 
     @handler("exists-stream", READ_PERM, stream=True)
     async def h_exists_stream(self, arg: Any) -> Any:
         exists = self.db.unihash_exists
         upstream = bool(self.service.upstream_address)
+        exists_now = None if upstream else getattr(self.db, "unihash_exists_now", None)
+
+        def lookup_now(line: str) -> str:
+            return "true" if exists_now(line) else "false"  # type: ignore[misc]
 
         async def lookup(line: str) -> str:
             if await exists(line):
@@ -421,7 +450,7 @@ class Connection:
                 return "true"
             return "false"
 
-        return await self._stream(lookup)
+        return await self._stream(lookup, lookup_now if exists_now is not None else None)
 
     @handler("get-stats", READ_PERM)
     async def h_get_stats(self, arg: Any) -> Any:

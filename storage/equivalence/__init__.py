@@ -37,6 +37,9 @@ class EquivalenceDB(Protocol):
     #: embedded database answering in the event loop); the protocol faces may then drive
     #: requests straight from socket callbacks instead of one task per request.
     answers_in_loop: bool
+    # Such a database may also offer the stream modes' lookups as plain functions (the faces
+    # look them up with getattr): ``unihash_now(method, taskhash) -> str | None`` and
+    # ``unihash_exists_now(unihash) -> bool``, the answers of get_unihash / unihash_exists.
 
     # --- lookups -------------------------------------------------------------------------
     async def get_unihash(self, method: str, taskhash: str) -> Row | None:

@@ -411,11 +411,19 @@ class SqliteEquivalenceDB:
 
     # --- lookups -------------------------------------------------------------------------------
     async def get_unihash(self, method: str, taskhash: str) -> Row | None:
-        r = self._one(
-            "SELECT taskhash, method, unihash FROM unihashes_v3 WHERE method = ? AND taskhash = ?",
-            (method, taskhash),
-        )
-        return None if r is None else {"taskhash": r[0], "method": r[1], "unihash": r[2]}
+        u = self.unihash_now(method, taskhash)
+        return None if u is None else {"taskhash": taskhash, "method": method, "unihash": u}
+
+    # The stream modes' per-line lookups as plain functions: this database answers in the event
+    # loop, and a stream line that creates no coroutine costs the server a third less.
+    def unihash_now(self, method: str, taskhash: str) -> str | None:
+        rows = self._conn.execute(
+            "SELECT unihash FROM unihashes_v3 WHERE method = ? AND taskhash = ?", (method, taskhash)
+        ).fetchall()
+        return rows[0][0] if rows else None
+
+    def unihash_exists_now(self, unihash: str) -> bool:
+        return bool(self._conn.execute("SELECT 1 FROM unihashes_v3 WHERE unihash = ? LIMIT 1", (unihash,)).fetchall())
 
     async def get_unihash_full(self, method: str, taskhash: str) -> Row | None:
         """Oldest outhash row of the taskhash joined with its unihash (`get` with all=true).
@@ -458,7 +466,7 @@ class SqliteEquivalenceDB:
         return self._equivalent(method, outhash, taskhash)
 
     async def unihash_exists(self, unihash: str) -> bool:
-        return self._one("SELECT 1 FROM unihashes_v3 WHERE unihash = ? LIMIT 1", (unihash,)) is not None
+        return self.unihash_exists_now(unihash)
 
     async def class_of(self, hash_: str, methods: tuple[str, ...], limit: int) -> list[str]:
         """Hashes whose objects may be served for ``hash_``, best first (see the interface).
