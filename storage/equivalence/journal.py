@@ -1,8 +1,8 @@
 """The write-behind journal: acknowledged writes that SQLite has not committed yet.
 
-Why it exists: a SQLite commit writes every dirty page of both hash tables and their five
-indexes as WAL frames (about 20 ``pwrite`` calls per report), which is most of what a report
-costs the server. With write-behind (``[database] commit_interval_ms``), a report is applied at
+Why it exists: a SQLite commit writes every dirty page of both hash tables and their four
+indexes as WAL frames (about 20 ``pwrite`` calls for a report committed alone), which is most
+of what a report costs the server. With write-behind (``[database] commit_interval_ms``), a report is applied at
 once inside an open transaction (so this process answers from it), appended here as one line,
 answered, and committed with the others of the same few milliseconds. The line is written with
 one ``write(2)`` before the answer goes out, so a killed process loses nothing it acknowledged:
