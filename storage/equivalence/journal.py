@@ -6,8 +6,8 @@ what a report costs the server. With write-behind (``[database] commit_interval_
 is applied at once inside an open transaction (so this process answers from it), appended here
 as one line, answered, and committed with the others of the same few milliseconds. The line is
 written with one ``write(2)`` before the answer goes out, so a killed process loses nothing it
-acknowledged: the same guarantee as SQLite's own WAL at ``synchronous = NORMAL`` (bitbake-
-hashserv's setting), which also leaves fsync to the kernel.
+acknowledged: the same guarantee as SQLite's own WAL at ``synchronous = NORMAL``
+(bitbake-hashserv's setting), which also leaves fsync to the kernel.
 
 Layout: ``<database>.journal/`` holds one file per live writer process, ``<pid>-<random>.jsonl``,
 on which its owner holds an exclusive ``flock`` for as long as it lives, and an empty file
