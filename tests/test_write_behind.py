@@ -72,7 +72,7 @@ async def test_answered_at_once_committed_within_the_interval(tmp_path: Path):
 
 async def test_a_window_due_soon_commits_at_the_next_quiet_moment(tmp_path: Path):
     """quiet_moment (a face answered and waits for its client) commits a window that is at least
-    half the interval old, before its timer; a younger window stays open."""
+    QUIET_COMMIT_FRACTION of the interval old, before its timer; a younger window stays open."""
     path = tmp_path / "hs.db"
     db = SqliteEquivalenceDB(str(path), commit_interval_ms=1000)
     try:
@@ -90,7 +90,7 @@ async def test_a_window_due_soon_commits_at_the_next_quiet_moment(tmp_path: Path
 
 
 async def test_the_hashserv_face_commits_after_answering(service_factory):
-    """Over the protocol: a report answered when the window is past half its interval commits
+    """Over the protocol: a report answered when the window is old enough (a fifth of its interval) commits
     the window right after the answer (the quiet moment), long before the timer."""
     port = free_port()
     svc = service_factory("svc", config={"database": {"commit_interval_ms": 1000}},

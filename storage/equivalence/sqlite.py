@@ -85,8 +85,10 @@ RETRY_S = 0.0003
 COOLDOWN_S = 0.002
 # A window at least this fraction of commit_interval old is committed at the next quiet moment
 # (a face has answered and waits for its client), so that the commit overlaps the client's own
-# work instead of delaying its next request; the timer stays the deadline.
-QUIET_COMMIT_FRACTION = 0.5
+# work instead of delaying its next request; the timer stays the deadline. Small windows fit in
+# a sequential client's think time (0.2 against 0.5: a sequential report ~5 % faster in 9 of 12
+# alternations); 0 (a commit after every answer) gained nothing and cost 30 % more CPU.
+QUIET_COMMIT_FRACTION = 0.2
 GC_MARK_NAME = "gc-mark"
 
 # Columns of unihashes_v3 that outhashes_v2 lacks: naming one of them in `remove` ties the
@@ -704,7 +706,7 @@ class SqliteEquivalenceDB:
         self._window_timer = asyncio.get_running_loop().call_later(self.commit_interval, self._commit_window)
 
     def quiet_moment(self) -> None:
-        """A face has answered and is waiting for its client: commit a window that is due soon.
+        """A face has answered and is waiting for its client: commit a window that is old enough.
 
         Why: a commit writes every dirty page of the window (~0.4 ms for a dozen reports). From
         the timer it starts at an arbitrary moment and usually delays the next request; started
