@@ -90,8 +90,9 @@ async def test_a_window_due_soon_commits_at_the_next_quiet_moment(tmp_path: Path
 
 
 async def test_the_hashserv_face_commits_after_answering(service_factory):
-    """Over the protocol: a report answered when the window is old enough (a fifth of its interval) commits
-    the window right after the answer (the quiet moment), long before the timer."""
+    """Over the protocol: a report answered when the window is old enough (a fifth of its
+    interval) commits the window right after the answer (the quiet moment), long before the
+    timer."""
     port = free_port()
     svc = service_factory("svc", config={"database": {"commit_interval_ms": 1000}},
                           args=["--hashserv-bind", f"127.0.0.1:{port}", "--anon-perms", "@read,@report"])
