@@ -22,6 +22,7 @@ import asyncio
 import hashlib
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -204,7 +205,7 @@ def main() -> int:
                 p.wait(10)
             except subprocess.TimeoutExpired:
                 p.kill()
-        subprocess.run(["rm", "-rf", work], check=False)
+        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
