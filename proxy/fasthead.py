@@ -558,14 +558,14 @@ class FastHeadProtocol(asyncio.Protocol):
             self.transfer = None
             self.busy = False
         t.fobj.close()
-        return self._done(t.req, t.status, t.nbytes, t.source, t.length, exc)
+        return self._done(t, exc)
 
     def _loop_sendfile(self, t: _Transfer) -> bool:
         """The rest of ``t`` with loop.sendfile in a task (it waits for the transport's buffer to
         drain first, and reads the file when sendfile(2) cannot send it)."""
         self.busy = True
-        task = self.loop.create_task(self._send(t.fobj, t.offset, t.left))
-        task.add_done_callback(partial(self._sent, t.req, t.status, t.nbytes, t.source, t.length))
+        task = self.loop.create_task(self._send(t))
+        task.add_done_callback(partial(self._sent, t))
         return False
 
     def _next(self, req: Req) -> bool:
@@ -575,37 +575,37 @@ class FastHeadProtocol(asyncio.Protocol):
         self.close()
         return False
 
-    async def _send(self, fobj: BinaryIO, start: int, length: int) -> None:
+    async def _send(self, t: _Transfer) -> None:
         try:
-            sent = await self.loop.sendfile(self.transport, fobj, start, length)
+            sent = await self.loop.sendfile(self.transport, t.fobj, t.offset, t.left)
         finally:
-            fobj.close()
-        if sent != length:
+            t.fobj.close()
+        if sent != t.left:
             raise ConnectionResetError("file shrank during transfer")
 
-    def _sent(self, req: Req, status: int, nbytes: int, source: str, length: int, task: asyncio.Task) -> None:
+    def _sent(self, t: _Transfer, task: asyncio.Task) -> None:
         self.busy = False
         try:
             task.result()
         except asyncio.CancelledError:  # shutting down
             self.close()
         except Exception as exc:
-            self._done(req, status, nbytes, source, length, exc)
+            self._done(t, exc)
         else:
-            if self._done(req, status, nbytes, source, length, None):
+            if self._done(t, None):
                 self._process()
 
-    def _done(self, req: Req, status: int, nbytes: int, source: str, length: int,
-              exc: BaseException | None) -> bool:
-        """A GET's body is out; True to go on. If it failed the connection closes (the client
+    def _done(self, t: _Transfer, exc: BaseException | None) -> bool:
+        """``t``'s body is out; True to go on. If it failed the connection closes (the client
         sees a short body), and the lines logged are aiohttp's for a failure mid-body."""
+        req = t.req
         if exc is not None:
             log.error("internal error rid=%s %s %s", req[4], req[0], req[1], exc_info=exc)
-            self._log(req, 500, nbytes, source)
+            self._log(req, 500, t.nbytes, t.source)
             self.close()
             return False
-        self.fh.mirror.metrics.sent(length)
-        self._log(req, status, nbytes, source)
+        self.fh.mirror.metrics.sent(t.length)
+        self._log(req, t.status, t.nbytes, t.source)
         self.last_active = self.loop.time()  # the keep-alive timeout runs from the end of a transfer
         return self._next(req)
 

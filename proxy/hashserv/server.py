@@ -138,6 +138,14 @@ def _nothing() -> None:
     pass
 
 
+def _get_stream_key(line: str) -> list[str]:
+    """METHOD TASKHASH of a get-stream line; anything else is malformed input."""
+    parts = line.split()
+    if len(parts) != 2:
+        raise ProtocolError("get-stream line needs METHOD TASKHASH")
+    return parts
+
+
 class Connection:
     """One client connection, on any transport."""
 
@@ -414,15 +422,10 @@ class Connection:
         unihash_now = None if upstream else getattr(self.db, "unihash_now", None)
 
         def lookup_now(line: str) -> str:
-            parts = line.split()
-            if len(parts) != 2:
-                raise ProtocolError("get-stream line needs METHOD TASKHASH")
-            return unihash_now(parts[0], parts[1]) or ""  # type: ignore[misc]
+            return unihash_now(*_get_stream_key(line)) or ""  # type: ignore[misc]
 
         async def lookup(line: str) -> str:
-            parts = line.split()
-            if len(parts) != 2:
-                raise ProtocolError("get-stream line needs METHOD TASKHASH")
+            parts = _get_stream_key(line)
             row = await get_unihash(parts[0], parts[1])
             if row is not None:
                 return row["unihash"]
