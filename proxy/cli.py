@@ -15,10 +15,13 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Coroutine
 from dataclasses import replace
+from typing import Any
 
 from aiohttp import web
 
+from proxy import busypoll
 from proxy import config as config_mod
 from proxy.config import Config, ConfigError
 
@@ -45,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(s)
     s.add_argument("--bind", metavar="HOST:PORT", help="HTTP listen address (default 127.0.0.1:8080)")
     s.add_argument("--workers", type=int, metavar="N", help="processes sharing the port")
+    s.add_argument("--busy-poll-us", type=int, metavar="US",
+                   help="poll up to US microseconds before a busy worker sleeps (default 200; 0 = off)")
     s.add_argument("--hashserv-bind", metavar="HOST:PORT|unix:///PATH", help="raw hashserv listener")
     s.add_argument("--anon-perms", metavar="PERMS", help="anonymous permissions, comma or space separated")
     s.add_argument("--read-only", action="store_true", default=None, help="refuse every write")
@@ -90,6 +95,8 @@ def load_config(args: argparse.Namespace) -> Config:
         overrides["server.bind"] = args.bind
     if getattr(args, "workers", None) is not None:
         overrides["server.workers"] = args.workers
+    if getattr(args, "busy_poll_us", None) is not None:
+        overrides["server.busy_poll_us"] = args.busy_poll_us
     if getattr(args, "hashserv_bind", None) is not None:
         overrides["hashserv.bind"] = args.hashserv_bind
     if getattr(args, "anon_perms", None) is not None:
@@ -166,6 +173,12 @@ async def run_worker(cfg: Config, worker: int, hashserv_sock: socket.socket | No
     await runner.cleanup()  # the fast path's site lets its requests in flight finish first
 
 
+def run_in_loop(cfg: Config, main: Coroutine[Any, Any, None]) -> None:
+    """Runs a worker on an event loop that busy-polls as ``server.busy_poll_us`` says."""
+    with asyncio.Runner(loop_factory=busypoll.loop_factory(cfg.server.busy_poll_us)) as runner:
+        runner.run(main)
+
+
 def serve(cfg: Config) -> int:
     from proxy.app import setup_logging
     from proxy.hashserv.listeners import bind_socket
@@ -184,7 +197,7 @@ def serve(cfg: Config) -> int:
         unix_path = hashserv_sock.getsockname()
     try:
         if cfg.server.workers == 1:
-            asyncio.run(run_worker(cfg, 0, hashserv_sock))
+            run_in_loop(cfg, run_worker(cfg, 0, hashserv_sock))
             return 0
         return supervise(cfg, reserved, hashserv_sock)
     finally:
@@ -210,7 +223,7 @@ def supervise(cfg: Config, reserved: socket.socket, hashserv_sock: socket.socket
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             code = 0
             try:
-                asyncio.run(run_worker(cfg, worker, hashserv_sock))
+                run_in_loop(cfg, run_worker(cfg, worker, hashserv_sock))
             except BaseException:
                 log.exception("worker %d failed", worker)
                 code = 1

@@ -29,6 +29,7 @@ class ServerConfig:
     access_log: bool = True
     tls_cert: str = ""
     tls_key: str = ""
+    busy_poll_us: int = 200  # adaptive busy polling before a worker sleeps (proxy/busypoll.py); 0 = off
 
 
 @dataclass(frozen=True)
@@ -165,6 +166,8 @@ def validate(cfg: Config) -> Config:
     if s.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"server.log_level: must be DEBUG, INFO, WARNING or ERROR, not {s.log_level!r}")
     split_bind("server.bind", s.bind)
+    if not 0 <= s.busy_poll_us <= 10_000:
+        raise ConfigError(f"server.busy_poll_us: must be between 0 and 10000, not {s.busy_poll_us}")
     if not s.mirror_prefix.startswith("/") or not s.mirror_prefix.endswith("/"):
         raise ConfigError(f"server.mirror_prefix: must start and end with '/', not {s.mirror_prefix!r}")
     if bool(s.tls_cert) != bool(s.tls_key):
