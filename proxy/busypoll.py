@@ -13,22 +13,29 @@ still running: measured here, sequential `ping`/`get` round trips got 1.5-2x fas
 It is adaptive, like the kernel's haltpoll governor: the window grows (doubling, from
 ``GROW_START``) while requests keep arriving shortly after the worker went to sleep, and
 shrinks (halving) when a sleep lasts longer than the maximum. An idle service never polls, a
-busy one costs up to one core while its clients keep it busy. Each poll round also yields the
-CPU (``sched_yield``), so a polling worker does not delay another runnable process on its core.
-``busy_poll_us = 0`` turns it off.
+busy one costs up to one core while its clients keep it busy. Each poll round yields the CPU
+(``sched_yield``), so a polling worker does not delay another runnable process on its core; when
+a round shows that the CPU did go to another task (a client on the same machine, another
+worker), polling stops for ``CALM`` seconds, since the core is wanted. ``busy_poll_us = 0`` turns
+it off.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import selectors
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 GROW_START = 0.000_025  # s: the first window after a short sleep
+PREEMPTED = 0.000_030  # s: a poll round this long, with a context switch, lost the CPU
+CALM = 0.02  # s: no polling for this long after that (20 ms: measured as good as never pausing
+#              for a lone sequential client, and as good as not polling for 10 threads)
 _Base: type[selectors.BaseSelector] = selectors.DefaultSelector
+RUSAGE_THREAD = getattr(resource, "RUSAGE_THREAD", resource.RUSAGE_SELF)  # Linux has it
 
 
 @dataclass
@@ -38,6 +45,7 @@ class PollStats:
     polls: int = 0  # times a window was polled
     hits: int = 0  # windows that found work (a sleep and a wake-up avoided)
     seconds: float = 0.0  # time spent polling
+    preempted: int = 0  # windows cut short because another task wanted the CPU
 
 
 _current: PollStats | None = None
@@ -55,6 +63,7 @@ class AdaptivePollSelector(_Base):  # type: ignore[misc, valid-type]
         super().__init__()
         self._max = max_seconds
         self._window = 0.0
+        self._calm_until = 0.0
         self.stats = PollStats()
 
     def select(self, timeout: float | None = None) -> list:
@@ -71,26 +80,46 @@ class AdaptivePollSelector(_Base):  # type: ignore[misc, valid-type]
             end = start + window
             base_select = super().select
             yield_cpu = os.sched_yield
+            switched_out = _involuntary_switches()
+            last = start
             while True:
                 ready = base_select(0)
+                now = mono()
                 if ready:
                     stats.hits += 1
-                    stats.seconds += mono() - start
+                    stats.seconds += now - start
                     return ready
-                if mono() >= end:
+                if now >= end:
                     break
+                if now - last > PREEMPTED and _involuntary_switches() > switched_out:
+                    # sched_yield gave the CPU away: something else here wants it (a client on
+                    # the same machine, another worker). Stop polling for a while. (A slow round
+                    # without a switch is the hypervisor's steal time or an interrupt.)
+                    stats.preempted += 1
+                    self._window = 0.0
+                    self._calm_until = now + CALM
+                    break
+                last = now
                 yield_cpu()
-            stats.seconds += mono() - start
+            stats.seconds += now - start
             if timeout is not None:
-                timeout = max(0.0, timeout - (mono() - start))
+                timeout = max(0.0, timeout - (now - start))
         ready = super().select(timeout)
-        slept = mono() - start
+        now = mono()
+        slept = now - start
         if ready and slept <= self._max:
             # woken by work soon after giving up: a longer window would have caught it
-            self._window = min(self._max, max(GROW_START, self._window * 2))
+            if now >= self._calm_until:
+                self._window = min(self._max, max(GROW_START, self._window * 2))
         elif slept > self._max and self._window:
             self._window = self._window / 2 if self._window / 2 >= GROW_START else 0.0
         return ready
+
+
+def _involuntary_switches() -> int:
+    """This thread's involuntary context switches: a ``sched_yield`` that let another task run
+    counts as one."""
+    return resource.getrusage(RUSAGE_THREAD).ru_nivcsw
 
 
 def loop_factory(busy_poll_us: int) -> Callable[[], asyncio.AbstractEventLoop]:

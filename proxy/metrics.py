@@ -85,9 +85,11 @@ class _BusyPollCollector:
             return
         polls = CounterMetricFamily(
             "sstate_proxy_busy_polls", "Times a worker polled before sleeping, by outcome "
-            "(hit: work arrived while polling, so no sleep and wake-up)", labels=["outcome", "pid"])
+            "(hit: work arrived while polling, so no sleep and wake-up; yielded: stopped because "
+            "another task wanted the CPU)", labels=["outcome", "pid"])
         polls.add_metric(["hit", self._pid], stats.hits)
-        polls.add_metric(["miss", self._pid], stats.polls - stats.hits)
+        polls.add_metric(["yielded", self._pid], stats.preempted)
+        polls.add_metric(["miss", self._pid], stats.polls - stats.hits - stats.preempted)
         yield polls
         seconds = CounterMetricFamily(
             "sstate_proxy_busy_poll_seconds", "CPU time workers spent polling before sleeping",

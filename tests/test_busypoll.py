@@ -5,6 +5,7 @@ outlasts the loop's own timeout, and the real service reports what polling did o
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import socket
 import subprocess
@@ -56,7 +57,9 @@ def test_an_idle_loop_never_polls(pair):
     assert sel.stats.polls == 0 and sel._window == 0
 
 
-def test_requests_soon_after_sleeping_grow_the_window_until_they_are_caught_awake(pair):
+def test_requests_soon_after_sleeping_grow_the_window_until_they_are_caught_awake(pair, monkeypatch):
+    # about growth only: on a busy machine a preempted poll would pause it (see the next test)
+    monkeypatch.setattr(busypoll, "PREEMPTED", 1.0)
     sel, a, b = pair
     windows = []
     for _ in range(16):
@@ -69,6 +72,39 @@ def test_requests_soon_after_sleeping_grow_the_window_until_they_are_caught_awak
     assert sel.stats.hits >= 1  # ...until requests arrived while it was still polling
     assert 0.001 <= windows[-1] <= MAX  # the window that catches a 1 ms gap is kept
     assert sel.stats.seconds > 0
+
+
+def test_polling_stops_for_a_while_when_another_task_wants_the_cpu(pair, monkeypatch):
+    monkeypatch.setattr(busypoll, "CALM", 1.0)  # longer than the steps below can take
+    sel, a, b = pair
+    sel._window = MAX
+    # another process that wants this thread's CPU: both pinned to one core
+    cpu = min(os.sched_getaffinity(0))
+    saved = os.sched_getaffinity(0)
+    hog = subprocess.Popen([sys.executable, "-c", f"import os; os.sched_setaffinity(0, {{{cpu}}})\n"
+                            "print(flush=True)\nwhile True: pass"], stdout=subprocess.PIPE)
+    try:
+        hog.stdout.readline()  # pinned and spinning
+        os.sched_setaffinity(0, {cpu})
+        try:
+            assert sel.select(0.005) == []
+        finally:
+            os.sched_setaffinity(0, saved)
+    finally:
+        hog.kill()
+        hog.wait()
+    assert sel.stats.preempted == 1 and sel._window == 0
+    # short sleeps right after do not grow it back while the calm period lasts
+    t = send_after(b, 0.001)
+    assert sel.select(1.0)
+    t.join()
+    drain(a)
+    assert sel._window == 0
+    sel._calm_until = 0  # ...after it, they do
+    t = send_after(b, 0.001)
+    assert sel.select(1.0)
+    t.join()
+    assert sel._window == GROW_START
 
 
 def test_long_sleeps_shrink_the_window_to_nothing(pair):
