@@ -21,7 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy import busypoll
+from proxy import allocator, busypoll
 from proxy import config as config_mod
 from proxy.config import Config, ConfigError
 
@@ -184,6 +184,7 @@ def serve(cfg: Config) -> int:
     from proxy.hashserv.listeners import bind_socket
 
     setup_logging(cfg)
+    allocator.keep_read_buffers_on_the_heap()  # inherited by forked workers
     asyncio.run(prepare(cfg))
     host, port = config_mod.split_bind("server.bind", cfg.server.bind)
     reserved = reserve_port(host, port)
