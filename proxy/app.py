@@ -133,9 +133,25 @@ async def request_id_middleware(request: web.Request, handler):
     request["rid"] = rid
     try:
         return await handler(request)
-    except web.HTTPException:
-        raise
-    except Exception:
+    except Exception as e:
+        http_error = isinstance(e, web.HTTPException)
+        if getattr(request.writer, "output_size", 0):
+            # The head, and maybe part of the body, is out: an error response now would be
+            # written into the body, and with the declared Content-Length a client could take
+            # the mix for the object. Cut the connection instead: the client sees a short body
+            # (wget resumes with Range). The response returned is only for the access log:
+            # aiohttp cannot write it to the closed connection.
+            if http_error:
+                log.warning("response failed after it started rid=%s %s %s: %s", rid,
+                            request.method, request.path, e.text.strip() if e.text else e.status)
+            else:
+                log.exception("response failed after it started rid=%s %s %s", rid,
+                              request.method, request.path)
+            if request.transport is not None:
+                request.transport.abort()
+            return web.Response(status=e.status if http_error else 500)
+        if http_error:
+            raise
         log.exception("internal error rid=%s %s %s", rid, request.method, request.path)
         return web.Response(status=500, text=f"internal error, request id {rid}\n")
 

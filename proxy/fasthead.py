@@ -597,10 +597,12 @@ class FastHeadProtocol(asyncio.Protocol):
 
     def _done(self, t: _Transfer, exc: BaseException | None) -> bool:
         """``t``'s body is out; True to go on. If it failed the connection closes (the client
-        sees a short body), and the lines logged are aiohttp's for a failure mid-body."""
+        sees a short body), and the lines logged are those of request_id_middleware for a failure
+        mid-body."""
         req = t.req
         if exc is not None:
-            log.error("internal error rid=%s %s %s", req[4], req[0], req[1], exc_info=exc)
+            log.error("response failed after it started rid=%s %s %s", req[4], req[0], req[1],
+                      exc_info=exc)
             self._log(req, 500, t.nbytes, t.source)
             self.close()
             return False

@@ -190,8 +190,8 @@ class Mirror:
         try:
             return await self._get_or_head(request, key, name)
         except StoreUnavailable as e:
-            # Only reachable before the response started: a failure mid-body aborts the
-            # connection, which wget notices (Content-Length) and resumes with Range.
+            # A failure mid-body cannot become a 503 any more: request_id_middleware aborts the
+            # connection instead, which wget notices (Content-Length) and resumes with Range.
             raise unavailable(key, e) from None
 
     async def answer(self, method: str, h: Mapping[str, str], key: str, name: names.SstateName | None

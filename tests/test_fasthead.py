@@ -446,7 +446,7 @@ def test_client_gone_mid_body(pair):
                 break
             time.sleep(0.05)
         assert len(lines) == 1 and " GET " in lines[0] and " 500 " in lines[0] and " hit " in lines[0], lines
-        assert f"internal error rid={rid} GET" in log
+        assert f"response failed after it started rid={rid} GET" in log
         (status, _, _), = exchange(svc.port, head(q(LARGE).encode(), b"Connection: close\r\n"), 1)
         assert " 200 " in status
 

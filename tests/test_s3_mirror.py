@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import http.client
+import socket
 import subprocess
 import time
 from urllib.parse import quote
@@ -84,3 +85,32 @@ def test_outage_gives_503_then_recovers_without_restart(moto, tmp_path):
         resp, body = call(svc, "GET", path)
         assert resp.status == 200 and body == DATA
         assert call(svc, "GET", "/readyz")[0].status == 200
+
+
+def test_a_stream_that_fails_mid_body_cuts_the_connection(moto, tmp_path):
+    """S3 dies while an object is on its way: the client must see a short body on a closed
+    connection, never an error response written into the body (which, with the Content-Length
+    already sent, a client could store as the object)."""
+    big_key = KEY.replace("3fa1", "3fb1")
+    big = bytes(range(251)) * (32 * 1024 * 1024 // 251)  # ~32 MiB, more than any socket buffers
+    moto.client().put_object(Bucket="sstate", Key="p/" + big_key, Body=big)
+    svc = s3_service(tmp_path / "svc", moto, "sstate", "p", timeout_s=2.0)
+    with svc:
+        with socket.create_connection(("127.0.0.1", svc.port), timeout=30) as s:
+            s.sendall(f"GET /{quote(big_key)} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            data = b""
+            while b"\r\n\r\n" not in data or len(data) < 256 * 1024:  # the head and some body
+                data += s.recv(65536)
+            head, _, body = data.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200") and f"Content-Length: {len(big)}".encode() in head
+            moto.stop()  # the source dies while the proxy waits for the client to read on
+            while chunk := s.recv(1 << 20):
+                body += chunk
+        assert len(body) < len(big)  # short: the client knows the download failed
+        assert big.startswith(body)  # and what it got is the object's own bytes, nothing else
+        assert b"HTTP/1.1" not in body
+        deadline = time.monotonic() + 5
+        while "response failed after it started" not in svc.read_log() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "response failed after it started" in svc.read_log()
+        assert call(svc, "GET", "/healthz")[0].status == 200  # the service is fine
