@@ -80,7 +80,7 @@ class AdaptivePollSelector(_Base):  # type: ignore[misc, valid-type]
             end = start + window
             base_select = super().select
             yield_cpu = os.sched_yield
-            switched_out = _involuntary_switches()
+            switched_out = -1  # read before the first yield: a window whose first poll hits pays nothing
             last = start
             while True:
                 ready = base_select(0)
@@ -91,7 +91,7 @@ class AdaptivePollSelector(_Base):  # type: ignore[misc, valid-type]
                     return ready
                 if now >= end:
                     break
-                if now - last > PREEMPTED and _involuntary_switches() > switched_out:
+                if now - last > PREEMPTED and 0 <= switched_out < _involuntary_switches():
                     # sched_yield gave the CPU away: something else here wants it (a client on
                     # the same machine, another worker). Stop polling for a while. (A slow round
                     # without a switch is the hypervisor's steal time or an interrupt.)
@@ -100,6 +100,8 @@ class AdaptivePollSelector(_Base):  # type: ignore[misc, valid-type]
                     self._calm_until = now + CALM
                     break
                 last = now
+                if switched_out < 0:
+                    switched_out = _involuntary_switches()
                 yield_cpu()
             stats.seconds += now - start
             if timeout is not None:
