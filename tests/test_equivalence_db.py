@@ -1,20 +1,20 @@
-"""SqliteEquivalenceDB: bitbake-hashserv's schema and semantics on one SQLite file."""
+"""The EquivalenceDB contract, run against every engine through the Protocol only.
+
+An engine joins the suite by adding one entry to the ``engine`` fixture: something that opens
+a fresh database (and a second instance and a read-only instance on the same data).
+"""
 
 from __future__ import annotations
 
-import json
-import os
-import sqlite3
-import subprocess
-import sys
-import textwrap
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
-from storage.equivalence import User
-from storage.equivalence.sqlite import ReadOnlyError, SqliteEquivalenceDB
+from storage.equivalence import DatabaseUnavailable, EquivalenceDB, User, open_equivalence_db
 
 M = "TestMethod"
 M2 = "OtherMethod"
@@ -25,145 +25,47 @@ def h(n: int | str) -> str:
     return f"{n}".encode().hex().ljust(64, "0")[:64]
 
 
-def ts(days_ago: float) -> str:
-    return (datetime.now(UTC) - timedelta(days=days_ago)).isoformat()
-
-
-@pytest.fixture
-def path(tmp_path: Path) -> str:
-    return str(tmp_path / "hashserv.db")
-
-
-@pytest.fixture
-async def db(path: str):
-    d = SqliteEquivalenceDB(path)
-    yield d
-    await d.close()
-
-
-# The schema exactly as bitbake-hashserv 2.19 creates it (hashserv-protocol.md section 8).
-BITBAKE_SCHEMA = """
-CREATE TABLE unihashes_v3 (id INTEGER PRIMARY KEY AUTOINCREMENT, method TEXT NOT NULL, taskhash TEXT NOT NULL,
-  unihash TEXT NOT NULL, gc_mark TEXT NOT NULL, UNIQUE(method, taskhash));
-CREATE TABLE outhashes_v2 (id INTEGER PRIMARY KEY AUTOINCREMENT, method TEXT NOT NULL, taskhash TEXT NOT NULL,
-  outhash TEXT NOT NULL, created DATETIME, owner TEXT, PN TEXT, PV TEXT, PR TEXT, task TEXT, outhash_siginfo TEXT,
-  UNIQUE(method, taskhash, outhash));
-CREATE TABLE users  (id INTEGER PRIMARY KEY AUTOINCREMENT, username TEXT NOT NULL, token TEXT NOT NULL,
-  permissions TEXT NOT NULL, UNIQUE(username));
-CREATE TABLE config (id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, value TEXT, UNIQUE(name));
-CREATE INDEX taskhash_lookup_v4 ON unihashes_v3 (method, taskhash);
-CREATE INDEX unihash_lookup_v1  ON unihashes_v3 (unihash);
-CREATE INDEX outhash_lookup_v3  ON outhashes_v2 (method, outhash);
-CREATE INDEX config_lookup      ON config (name);
-"""
-
 FULL_KEYS = {
     "id", "method", "taskhash", "outhash", "created", "owner", "PN", "PV", "PR", "task",
     "outhash_siginfo", "unihash", "gc_mark",
 }
 
 
-# --- schema & opening ----------------------------------------------------------------------------
-async def test_fresh_schema(db: SqliteEquivalenceDB, path: str):
-    con = sqlite3.connect(path)
-    objs = {(t, n) for t, n in con.execute("SELECT type, name FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'")}
-    assert {("table", t) for t in ("unihashes_v3", "outhashes_v2", "users", "config")} <= objs
-    assert {("index", i) for i in ("unihash_lookup_v1", "outhash_lookup_v3", "config_lookup")} <= objs
-    # bitbake's taskhash_lookup_v4 duplicates UNIQUE(method, taskhash): not kept (module notes)
-    assert ("index", "taskhash_lookup_v4") not in objs
-    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    cols = [r[1] for r in con.execute("PRAGMA table_info(outhashes_v2)")]
-    assert cols == ["id", "method", "taskhash", "outhash", "created", "owner", "PN", "PV", "PR", "task",
-                    "outhash_siginfo"]
-    assert [r[1] for r in con.execute("PRAGMA table_info(unihashes_v3)")] == [
-        "id", "method", "taskhash", "unihash", "gc_mark"]
-    assert db._conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
-    con.close()
+def ts(days_ago: float) -> str:
+    return (datetime.now(UTC) - timedelta(days=days_ago)).isoformat()
 
 
-async def test_opens_handmade_bitbake_db(path: str):
-    con = sqlite3.connect(path)
-    con.executescript(BITBAKE_SCHEMA)
-    con.execute("PRAGMA journal_mode = WAL")
-    # An old row written with a naive local datetime, and a current UTC ISO row, same outhash.
-    con.execute("INSERT INTO outhashes_v2 (method, taskhash, outhash, created, owner, PN) VALUES (?,?,?,?,?,?)",
-                (M, h("t-old"), h("o"), "2021-03-04 05:06:07.123456", "alice", "zlib"))
-    con.execute("INSERT INTO outhashes_v2 (method, taskhash, outhash, created) VALUES (?,?,?,?)",
-                (M, h("t-new"), h("o"), "2026-01-02T03:04:05.678901+00:00"))
-    con.execute("INSERT INTO unihashes_v3 (method, taskhash, unihash, gc_mark) VALUES (?,?,?,'')",
-                (M, h("t-old"), h("u-old")))
-    con.execute("INSERT INTO unihashes_v3 (method, taskhash, unihash, gc_mark) VALUES (?,?,?,'')",
-                (M, h("t-new"), h("u-old")))
-    con.execute("INSERT INTO users (username, token, permissions) VALUES ('bob', 'sha256:00:ff', '@read @report')")
-    con.execute("INSERT INTO config (name, value) VALUES ('gc-mark', 'M1')")
-    con.commit()
-    schema_before = sorted(con.execute("SELECT type, name, sql FROM sqlite_master"))
-    con.close()
-
-    db = SqliteEquivalenceDB(path)
-    try:
-        assert await db.get_unihash(M, h("t-new")) == {"taskhash": h("t-new"), "method": M, "unihash": h("u-old")}
-        full = await db.get_unihash_full(M, h("t-old"))
-        assert full is not None and set(full) == FULL_KEYS
-        assert full["created"] == "2021-03-04 05:06:07.123456"  # returned as stored
-        assert full["owner"] == "alice" and full["PN"] == "zlib" and full["unihash"] == h("u-old")
-        # The naive (older) row is the oldest for this outhash.
-        out = await db.get_outhash(M, h("o"))
-        assert out is not None and out["taskhash"] == h("t-old")
-        eq = await db.get_equivalent_for_outhash(M, h("o"), h("t-x"))
-        assert eq == {"taskhash": h("t-old"), "unihash": h("u-old")}
-        assert await db.lookup_user("bob") == User("bob", "sha256:00:ff", ("@read", "@report"))
-        assert await db.get_current_gc_mark() == "M1"
-        # New rows get the current mark.
-        await db.insert_unihash(M, h("t3"), h("u3"))
-        assert (await db.gc_status()) == (1, 2, "M1")
-    finally:
-        await db.close()
-    con = sqlite3.connect(path)
-    # Nothing migrated; only the redundant taskhash_lookup_v4 is gone (bitbake re-creates it).
-    assert sorted(con.execute("SELECT type, name, sql FROM sqlite_master")) == [
-        r for r in schema_before if r[1] != "taskhash_lookup_v4"]
-    con.close()
+@dataclass
+class Engine:
+    name: str
+    open: Callable[..., EquivalenceDB]  # open(read_only=False): one more instance on the same data
+    fresh: Callable[[], EquivalenceDB]  # an instance on another, empty database
 
 
-async def test_lookups_by_taskhash_are_index_seeks_without_taskhash_lookup_v4(db: SqliteEquivalenceDB):
-    """Every (method, taskhash) query the service makes still seeks an index (the UNIQUE one)."""
-    await db.insert_report({"method": M, "taskhash": h("t"), "outhash": h("o")}, h("u"))
-    c = db._conn
-    queries = [
-        ("SELECT taskhash, method, unihash FROM unihashes_v3 WHERE method = ? AND taskhash = ?", (M, h("t"))),
-        ("SELECT unihash FROM unihashes_v3 WHERE method = ? AND taskhash = ?", (M, h("t"))),
-        ("DELETE FROM unihashes_v3 WHERE method = ? AND taskhash = ?", (M, h("t"))),
-    ]
-    for sql, params in queries:
-        plan = " ".join(r[3] for r in c.execute("EXPLAIN QUERY PLAN " + sql, params))
-        assert "sqlite_autoindex_unihashes_v3_1 (method=? AND taskhash=?)" in plan, (sql, plan)
-        assert "SCAN unihashes_v3" not in plan, (sql, plan)
-    assert await db.class_of(h("t"), (), 8) == [h("u")]
+def _sqlite(tmp_path: Path) -> Engine:
+    url = f"sqlite:///{tmp_path / 'hashserv.db'}"
+    n = iter(range(1_000_000))
+    return Engine("sqlite", lambda read_only=False: open_equivalence_db(url, read_only=read_only),
+                  lambda: open_equivalence_db(f"sqlite:///{tmp_path / f'other{next(n)}.db'}"))
 
 
-async def test_migrates_unihashes_v2_and_creates_missing(path: str):
-    con = sqlite3.connect(path)
-    con.execute("CREATE TABLE unihashes_v2 (id INTEGER PRIMARY KEY AUTOINCREMENT, method TEXT NOT NULL, "
-                "taskhash TEXT NOT NULL, unihash TEXT NOT NULL, UNIQUE(method, taskhash))")
-    con.execute("CREATE INDEX taskhash_lookup_v3 ON unihashes_v2 (method, taskhash)")
-    con.execute("INSERT INTO unihashes_v2 (method, taskhash, unihash) VALUES (?,?,?)", (M, h("t"), h("u")))
-    con.commit()
-    con.close()
-    db = SqliteEquivalenceDB(path)
-    try:
-        assert await db.get_unihash(M, h("t")) == {"taskhash": h("t"), "method": M, "unihash": h("u")}
-        usage = await db.get_usage()
-        assert "unihashes_v2" not in usage
-        assert usage["unihashes_v3"] == {"rows": 1}
-        full = db._conn.execute("SELECT gc_mark FROM unihashes_v3").fetchall()
-        assert full == [("",)]
-    finally:
-        await db.close()
+ENGINES = {"sqlite": _sqlite}
+
+
+@pytest.fixture(params=sorted(ENGINES))
+def engine(request, tmp_path: Path) -> Engine:
+    return ENGINES[request.param](tmp_path)
+
+
+@pytest.fixture
+async def db(engine: Engine):
+    d = engine.open()
+    yield d
+    await d.close()
 
 
 # --- lookups and writes --------------------------------------------------------------------------
-async def test_insert_unihash_first_writer_wins(db: SqliteEquivalenceDB):
+async def test_insert_unihash_first_writer_wins(db: EquivalenceDB):
     assert await db.get_unihash(M, h("t")) is None
     assert await db.insert_unihash(M, h("t"), h("u1")) is True
     assert await db.insert_unihash(M, h("t"), h("u2")) is False
@@ -175,7 +77,7 @@ async def test_insert_unihash_first_writer_wins(db: SqliteEquivalenceDB):
     assert not await db.unihash_exists(h("nope"))
 
 
-async def test_insert_outhash_and_created(db: SqliteEquivalenceDB):
+async def test_insert_outhash_and_created(db: EquivalenceDB):
     row = {"method": M, "taskhash": h("t"), "outhash": h("o"), "owner": "me", "PN": "zlib", "junk": 1}
     assert await db.insert_outhash(row) is True
     assert await db.insert_outhash(dict(row, owner="other")) is False
@@ -197,7 +99,7 @@ async def test_insert_outhash_and_created(db: SqliteEquivalenceDB):
         await db.insert_outhash({"method": M, "taskhash": h("t3")})
 
 
-async def test_full_rows_and_oldest(db: SqliteEquivalenceDB):
+async def test_full_rows_and_oldest(db: EquivalenceDB):
     await db.insert_outhash({"method": M, "taskhash": h("t"), "outhash": h("o-new"), "created": ts(1)})
     await db.insert_outhash({"method": M, "taskhash": h("t"), "outhash": h("o-old"), "created": ts(5),
                              "PN": "a", "PV": "1", "PR": "r0", "task": "do_x", "outhash_siginfo": "sig"})
@@ -211,7 +113,7 @@ async def test_full_rows_and_oldest(db: SqliteEquivalenceDB):
     assert await db.get_unihash_full(M2, h("t")) is None
 
 
-async def test_equivalent_oldest_other_with_unihash(db: SqliteEquivalenceDB):
+async def test_equivalent_oldest_other_with_unihash(db: EquivalenceDB):
     o = h("o")
     await db.insert_outhash({"method": M, "taskhash": h("t-oldest-nouni"), "outhash": o, "created": ts(10)})
     await db.insert_outhash({"method": M, "taskhash": h("t-old"), "outhash": o, "created": ts(5)})
@@ -228,7 +130,7 @@ async def test_equivalent_oldest_other_with_unihash(db: SqliteEquivalenceDB):
     assert await db.get_equivalent_for_outhash(M, h("other"), h("t")) is None
 
 
-async def test_insert_report(db: SqliteEquivalenceDB):
+async def test_insert_report(db: EquivalenceDB):
     o = h("o")
     r1 = await db.insert_report({"method": M, "taskhash": h("t1"), "outhash": o, "owner": "x"}, h("u1"))
     assert r1 == {"taskhash": h("t1"), "method": M, "unihash": h("u1")}
@@ -249,14 +151,14 @@ async def test_insert_report(db: SqliteEquivalenceDB):
 
 
 # --- remove / clean / gc ---------------------------------------------------------------------------
-async def _populate(db: SqliteEquivalenceDB) -> None:
+async def _populate(db: EquivalenceDB) -> None:
     for i in range(3):
         await db.insert_report({"method": M, "taskhash": h(f"a{i}"), "outhash": h(f"oa{i}")}, h("UA"))
         await db.insert_report({"method": M, "taskhash": h(f"b{i}"), "outhash": h(f"ob{i}")}, h("UB"))
         await db.insert_report({"method": M2, "taskhash": h(f"c{i}"), "outhash": h(f"oc{i}")}, h("UA"))
 
 
-async def test_remove_by_taskhash_both_tables(db: SqliteEquivalenceDB):
+async def test_remove_by_taskhash_both_tables(db: EquivalenceDB):
     await _populate(db)
     assert await db.remove({"taskhash": h("a0")}) == 2
     assert await db.get_unihash(M, h("a0")) is None
@@ -264,7 +166,7 @@ async def test_remove_by_taskhash_both_tables(db: SqliteEquivalenceDB):
     assert await db.remove({"taskhash": h("a0")}) == 0
 
 
-async def test_remove_whitelist_and_none(db: SqliteEquivalenceDB):
+async def test_remove_whitelist_and_none(db: EquivalenceDB):
     await _populate(db)
     # Unknown keys are ignored (never interpolated); None values are ignored.
     assert await db.remove({"id; DROP TABLE users; --": 1, "bogus": h("a0")}) == 0
@@ -280,7 +182,7 @@ async def test_remove_whitelist_and_none(db: SqliteEquivalenceDB):
     assert (await db.get_usage())["outhashes_v2"]["rows"] == 8
 
 
-async def test_remove_by_unihash_and_method_deviation(db: SqliteEquivalenceDB):
+async def test_remove_by_unihash_and_method_deviation(db: EquivalenceDB):
     """{"unihash": U, "method": M} must not delete the outhash rows of *other* unihashes of M."""
     await _populate(db)
     n = await db.remove({"unihash": h("UA"), "method": M})
@@ -298,14 +200,14 @@ async def test_remove_by_unihash_and_method_deviation(db: SqliteEquivalenceDB):
     assert (await db.get_usage())["outhashes_v2"]["rows"] == 6
 
 
-async def test_clean_unused(db: SqliteEquivalenceDB):
+async def test_clean_unused(db: EquivalenceDB):
     await db.insert_outhash({"method": M, "taskhash": h("old-unused"), "outhash": h("o1"), "created": ts(10)})
     await db.insert_outhash({"method": M, "taskhash": h("new-unused"), "outhash": h("o2"), "created": ts(0)})
     await db.insert_outhash({"method": M, "taskhash": h("old-used"), "outhash": h("o3"), "created": ts(10)})
     await db.insert_unihash(M, h("old-used"), h("u"))
-    con = db._conn
-    con.execute("INSERT INTO outhashes_v2 (method, taskhash, outhash, created) VALUES (?,?,?,?)",
-                (M, h("naive"), h("o4"), "2020-01-01 00:00:00.000000"))
+    # a legacy naive `created` (older bitbake), stored as given
+    await db.insert_outhash({"method": M, "taskhash": h("naive"), "outhash": h("o4"),
+                             "created": "2020-01-01 00:00:00.000000"})
     n = await db.clean_unused(datetime.now(UTC) - timedelta(days=1))
     assert n == 2
     assert await db.get_outhash(M, h("o1"), False) is None
@@ -314,7 +216,7 @@ async def test_clean_unused(db: SqliteEquivalenceDB):
     assert await db.get_outhash(M, h("o3"), False) is not None
 
 
-async def test_gc(db: SqliteEquivalenceDB):
+async def test_gc(db: EquivalenceDB):
     await _populate(db)
     assert await db.get_current_gc_mark() is None
     assert await db.gc_status() == (9, 0, None)
@@ -337,7 +239,7 @@ async def test_gc(db: SqliteEquivalenceDB):
     assert (await db.get_usage())["config"] == {"rows": 1}
 
 
-async def test_usage_and_columns(db: SqliteEquivalenceDB):
+async def test_usage_and_columns(db: EquivalenceDB):
     await _populate(db)
     await db.new_user("u", ("@read",), "sha256:1:2")
     usage = await db.get_usage()
@@ -349,7 +251,7 @@ async def test_usage_and_columns(db: SqliteEquivalenceDB):
 
 
 # --- users -------------------------------------------------------------------------------------------
-async def test_users(db: SqliteEquivalenceDB, path: str):
+async def test_users(db: EquivalenceDB, engine: Engine):
     assert await db.lookup_user("alice") is None
     assert await db.new_user("alice", ("@read", "@report"), "sha256:aa:bb") is True
     assert await db.new_user("alice", ("@all",), "sha256:cc:dd") is False
@@ -360,16 +262,18 @@ async def test_users(db: SqliteEquivalenceDB, path: str):
     assert await db.set_user_perms("nobody", ()) is False
     await db.new_user("bob", (), "sha256:1:2")
     assert await db.get_all_users() == [User("alice", "sha256:ee:ff", ("@all",)), User("bob", "sha256:1:2", ())]
-    con = sqlite3.connect(path)
-    assert con.execute("SELECT permissions FROM users WHERE username='alice'").fetchone()[0] == "@all"
-    con.close()
+    other = engine.open()
+    try:
+        assert (await other.lookup_user("alice")).permissions == ("@all",)
+    finally:
+        await other.close()
     assert await db.delete_user("alice") is True
     assert await db.delete_user("alice") is False
     assert [u.username for u in await db.get_all_users()] == ["bob"]
 
 
 # --- class_of ------------------------------------------------------------------------------------------
-async def test_class_of_order_and_limit(db: SqliteEquivalenceDB):
+async def test_class_of_order_and_limit(db: EquivalenceDB):
     U = h("U")
     for t in ("t1", "t2", "t3", "t4"):  # ids ascending: t4 is the newest
         await db.insert_unihash(M, h(t), U)
@@ -389,7 +293,7 @@ async def test_class_of_order_and_limit(db: SqliteEquivalenceDB):
     assert await db.class_of(h("unknown"), (), 10) == []
 
 
-async def test_class_of_identity_and_dedupe(db: SqliteEquivalenceDB):
+async def test_class_of_identity_and_dedupe(db: EquivalenceDB):
     # A taskhash that is its own unihash (the usual case for the first of a class).
     T = h("T")
     await db.insert_unihash(M, T, T)
@@ -402,9 +306,9 @@ async def test_class_of_identity_and_dedupe(db: SqliteEquivalenceDB):
 
 
 # --- generation, processes, read-only ---------------------------------------------------------------
-async def test_generation_two_instances(path: str):
-    a = SqliteEquivalenceDB(path)
-    b = SqliteEquivalenceDB(path)
+async def test_generation_two_instances(engine: Engine):
+    a = engine.open()
+    b = engine.open()
     try:
         ga, gb = await a.generation(), await b.generation()
         assert await a.generation() == ga and await b.generation() == gb
@@ -414,48 +318,18 @@ async def test_generation_two_instances(path: str):
         # A no-op write (ignored insert) changes nothing.
         await a.insert_unihash(M, h("t"), h("u2"))
         assert await a.generation() == ga2 and await b.generation() == gb2
-        await b.remove({"taskhash": h("t")})  # runs on its own connection in a thread
+        await b.remove({"taskhash": h("t")})
         assert await a.generation() != ga2 and await b.generation() != gb2
-        # A raw foreign writer (e.g. bitbake-hashserv on the same file).
-        con = sqlite3.connect(path)
-        g = await a.generation()
-        con.execute("INSERT INTO config (name, value) VALUES ('x', 'y')")
-        con.commit()
-        con.close()
-        assert await a.generation() != g
     finally:
         await a.close()
         await b.close()
 
 
-async def test_generation_across_processes(path: str):
-    db = SqliteEquivalenceDB(path)
-    try:
-        g = await db.generation()
-        code = textwrap.dedent(f"""
-            import asyncio
-            from storage.equivalence.sqlite import SqliteEquivalenceDB
-            async def main():
-                d = SqliteEquivalenceDB({path!r})
-                r = await d.insert_report({{"method": "m", "taskhash": "{h('p')}", "outhash": "{h('o')}"}}, "{h('u')}")
-                print(r["unihash"])
-                await d.close()
-            asyncio.run(main())
-        """)
-        root = Path(__file__).resolve().parents[1]
-        out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
-        assert out.stdout.strip() == h("u")
-        assert await db.generation() != g
-        assert (await db.get_unihash("m", h("p")))["unihash"] == h("u")
-    finally:
-        await db.close()
-
-
-async def test_read_only(path: str):
-    rw = SqliteEquivalenceDB(path)
+async def test_read_only(engine: Engine):
+    rw = engine.open()
     await rw.insert_report({"method": M, "taskhash": h("t"), "outhash": h("o")}, h("u"))
     await rw.new_user("alice", ("@read",), "sha256:1:2")
-    ro = SqliteEquivalenceDB(path, read_only=True)
+    ro = engine.open(read_only=True)
     try:
         assert (await ro.get_unihash(M, h("t")))["unihash"] == h("u")
         assert (await ro.get_outhash(M, h("o")))["taskhash"] == h("t")
@@ -478,84 +352,16 @@ async def test_read_only(path: str):
             ro.set_user_perms("alice", ()),
             ro.delete_user("alice"),
         ):
-            with pytest.raises(ReadOnlyError):
+            with pytest.raises(PermissionError):
                 await call
         assert (await rw.get_unihash(M, h("t")))["unihash"] == h("u")
     finally:
         await ro.close()
         await rw.close()
-    with pytest.raises(sqlite3.OperationalError):
-        SqliteEquivalenceDB(path + ".missing", read_only=True)
 
 
-async def test_memory_db():
-    db = SqliteEquivalenceDB(":memory:")
-    await _populate(db)
-    assert await db.remove({"taskhash": h("a0")}) == 2
-    assert (await db.get_usage())["unihashes_v3"] == {"rows": 8}
-    await db.close()
-
-
-# --- interoperability with the reference server's own sqlite engine (optional) ---------------------
-BITBAKE_DIR = os.environ.get("BITBAKE_DIR")
-
-
-@pytest.mark.skipif(not BITBAKE_DIR, reason="set BITBAKE_DIR to a bitbake checkout to test interop")
-async def test_reference_engine_interop(path: str, tmp_path: Path):
-    """The reference engine reads our file, and we read a file the reference engine wrote."""
-    db = SqliteEquivalenceDB(path)
-    await db.insert_report({"method": M, "taskhash": h("t1"), "outhash": h("o"), "PN": "zlib"}, h("u1"))
-    await db.new_user("alice", ("@read", "@report"), "sha256:aa:bb")
-    await db.close()
-    theirs = str(tmp_path / "theirs.db")
-    script = textwrap.dedent(f"""
-        import asyncio, json, sys
-        from datetime import datetime
-        sys.path.insert(0, {os.path.join(BITBAKE_DIR, "lib")!r})
-        from hashserv.sqlite import DatabaseEngine
-        import logging
-        async def main():
-            out = {{}}
-            eng = DatabaseEngine({path!r}, True)
-            await eng.create()
-            d = eng.connect(logging.getLogger())
-            row = await d.get_unihash_by_taskhash_full({M!r}, {h("t1")!r})
-            out["ours_full"] = {{k: row[k] for k in row.keys()}}
-            out["ours_user"] = list((await d.lookup_user("alice")).permissions)
-            await d.close()
-            eng = DatabaseEngine({theirs!r}, True)
-            await eng.create()
-            d = eng.connect(logging.getLogger())
-            await d.insert_outhash({{"method": {M!r}, "taskhash": {h("t2")!r}, "outhash": {h("o2")!r},
-                                     "created": datetime.now(), "owner": "ref"}})
-            await d.insert_unihash({M!r}, {h("t2")!r}, {h("u2")!r})
-            row = await d.get_unihash_by_taskhash_full({M!r}, {h("t2")!r})
-            out["theirs_full"] = {{k: row[k] for k in row.keys()}}
-            await d.close()
-            print(json.dumps(out))
-        asyncio.run(main())
-    """)
-    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-    out = json.loads(res.stdout)
-    assert out["ours_full"]["unihash"] == h("u1") and out["ours_full"]["PN"] == "zlib"
-    assert sorted(out["ours_user"]) == ["@read", "@report"]
-    ours = SqliteEquivalenceDB(theirs)
-    try:
-        full = await ours.get_unihash_full(M, h("t2"))
-        assert full == out["theirs_full"]  # same keys, same values, same `created` string
-        assert set(full) == FULL_KEYS
-        ours_row = SqliteEquivalenceDB(path)
-        try:
-            assert await ours_row.get_unihash_full(M, h("t1")) == out["ours_full"]
-        finally:
-            await ours_row.close()
-    finally:
-        await ours.close()
-
-
-async def test_insert_report_group_commit_matches_sequential(db: SqliteEquivalenceDB, tmp_path: Path):
-    """Concurrent reports (one transaction) give the same answers as the same reports in order."""
-    import asyncio
+async def test_insert_report_group_commit_matches_sequential(db: EquivalenceDB, engine: Engine):
+    """Concurrent reports (grouped into few transactions) give the answers of the same reports in order."""
 
     reports = []
     for i in range(40):
@@ -564,7 +370,7 @@ async def test_insert_report_group_commit_matches_sequential(db: SqliteEquivalen
     g = await db.generation()
     got = await asyncio.gather(*(db.insert_report(r, u) for r, u in reports))
     assert await db.generation() != g
-    seq = SqliteEquivalenceDB(str(tmp_path / "seq.db"))
+    seq = engine.fresh()
     try:
         want = [await seq.insert_report(r, u) for r, u in reports]
     finally:
@@ -574,12 +380,20 @@ async def test_insert_report_group_commit_matches_sequential(db: SqliteEquivalen
     assert got[1]["unihash"] == h("u0")  # t0 again, other outhash: first writer wins
 
 
-async def test_insert_report_bad_row_fails_alone(db: SqliteEquivalenceDB):
-    import asyncio
+async def test_insert_report_bad_row_fails_alone(db: EquivalenceDB):
+    """A report whose statement fails is refused alone; the reports grouped with it are stored."""
 
     good = db.insert_report({"method": M, "taskhash": h("g"), "outhash": h("o")}, h("u"))
     bad = db.insert_report({"method": M, "taskhash": h("b"), "outhash": h("o"), "PN": ["not", "text"]}, h("u"))
     res = await asyncio.gather(good, bad, return_exceptions=True)
     assert res[0] == {"taskhash": h("g"), "method": M, "unihash": h("u")}
-    assert isinstance(res[1], sqlite3.Error)
+    assert isinstance(res[1], Exception) and not isinstance(res[1], DatabaseUnavailable)
     assert await db.get_unihash(M, h("b")) is None
+
+
+async def test_open_refuses_postgresql():
+    from storage.equivalence import UnsupportedDatabase
+
+    with pytest.raises(UnsupportedDatabase, match="not supported"):
+        open_equivalence_db("postgresql://u@localhost/db")
+    assert issubclass(UnsupportedDatabase, ValueError)

@@ -5,8 +5,10 @@ database through this interface, so a report made on any face is seen by all of 
 Rows are plain dicts whose keys are the column names: they go on the wire as they are, exactly
 as bitbake-hashserv sends them.
 
-Schema and semantics follow ../shared/research/hashserv-protocol.md sections 7 and 8, so that an
-existing bitbake-hashserv SQLite file opens as it is.
+Schema and semantics are bitbake-hashserv 2.19's (its sqlite engine), so that an existing
+bitbake-hashserv SQLite file opens as it is. Every method is async and required: an engine
+(SQLite today, PostgreSQL next) implements all of them, and callers never probe for optional
+parts. Writes are answered after their commit.
 """
 
 from __future__ import annotations
@@ -32,15 +34,16 @@ class User:
     permissions: tuple[str, ...]  # raw stored permissions, e.g. ("@all",)
 
 
-class EquivalenceDB(Protocol):
-    #: True when every call completes without waiting on I/O threads or the network (an
-    #: embedded database answering in the event loop); the protocol faces may then drive
-    #: requests straight from socket callbacks instead of one task per request.
-    answers_in_loop: bool
-    # Such a database may also offer the stream modes' lookups as plain functions (the faces
-    # look them up with getattr): ``unihash_now(method, taskhash) -> str | None`` and
-    # ``unihash_exists_now(unihash) -> bool``, the answers of get_unihash / unihash_exists.
+class DatabaseUnavailable(Exception):
+    """The database cannot take the write now (locked by another writer past the wait bound, or
+    unreachable): a transient fault, the HTTP layer answers 503 + Retry-After."""
 
+
+class UnsupportedDatabase(ValueError):
+    """The database URL names an engine this build does not have."""
+
+
+class EquivalenceDB(Protocol):
     # --- lookups -------------------------------------------------------------------------
     async def get_unihash(self, method: str, taskhash: str) -> Row | None:
         """{taskhash, method, unihash} from unihashes_v3, or None."""
@@ -72,7 +75,7 @@ class EquivalenceDB(Protocol):
         one indexed row) because every worker polls it a few times a second.
         """
 
-    # --- writes (each commits before it returns) -----------------------------------------
+    # --- writes (each commits before it returns; DatabaseUnavailable when it cannot) --------
     async def insert_outhash(self, row: Row) -> bool:
         """INSERT OR IGNORE into outhashes_v2; True if the row is new."""
 
@@ -80,7 +83,7 @@ class EquivalenceDB(Protocol):
         """INSERT OR IGNORE into unihashes_v3 (gc_mark = current mark); True if new."""
 
     async def insert_report(self, row: Row, client_unihash: str) -> Row:
-        """The write half of `report` (hashserv-protocol.md §7) in ONE transaction.
+        """The write half of bitbake-hashserv's `report` in ONE transaction.
 
         insert_outhash(row) (``created`` defaults to now, stored as UTC ISO text), then the
         oldest equivalent (get_equivalent_for_outhash, always run), then insert_unihash with the
@@ -122,12 +125,8 @@ class EquivalenceDB(Protocol):
 
     async def delete_user(self, username: str) -> bool: ...
 
-    async def close(self) -> None: ...
-
-    def quiet_moment(self) -> None:
-        """A face has answered and waits for its client: the moment for deferred work (the
-        SQLite write-behind commit) that would otherwise delay the next request. Optional: the
-        faces look it up with ``getattr``."""
+    async def close(self) -> None:
+        """Finish the queued writes and release the connections."""
 
     # --- archive identity (storage dedup; sstate-proxy's own table, NOT hash equivalence) ------
     # Rows live in ``sstate_proxy_archives`` under the method name
@@ -155,9 +154,14 @@ class EquivalenceDB(Protocol):
         the aliases (not stored)}."""
 
 
-def open_equivalence_db(url: str, *, read_only: bool = False, commit_interval_ms: int = 0) -> EquivalenceDB:
-    """`sqlite:///path` (the embedded default) or `postgresql://...`. ``commit_interval_ms``:
-    SQLite write-behind for reports (storage/equivalence/journal.py); 0 commits each one."""
+def open_equivalence_db(url: str, *, read_only: bool = False) -> EquivalenceDB:
+    """The database a URL names: ``sqlite:///relative.db`` or ``sqlite:////abs.db``.
+
+    Raises UnsupportedDatabase for ``postgresql://`` (not in this version) and other schemes,
+    ValueError for a malformed sqlite URL.
+    """
+    if url.startswith(("postgresql://", "postgres://", "postgresql+")):
+        raise UnsupportedDatabase("PostgreSQL is not supported yet: use sqlite:///path")
     if url.startswith("sqlite://"):
         from storage.equivalence.sqlite import SqliteEquivalenceDB
 
@@ -167,9 +171,5 @@ def open_equivalence_db(url: str, *, read_only: bool = False, commit_interval_ms
         path = url[len("sqlite:///"):]
         if not path:
             raise ValueError("sqlite url names no file")
-        return SqliteEquivalenceDB(path, read_only=read_only, commit_interval_ms=commit_interval_ms)
-    if url.startswith(("postgresql://", "postgres://")):
-        from storage.equivalence.postgres import PostgresEquivalenceDB
-
-        return PostgresEquivalenceDB(url, read_only=read_only)
-    raise ValueError(f"unsupported database url {url!r} (sqlite:///path or postgresql://...)")
+        return SqliteEquivalenceDB(path, read_only=read_only)
+    raise UnsupportedDatabase(f"unsupported database url {url!r}: use sqlite:///path")

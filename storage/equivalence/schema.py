@@ -1,0 +1,111 @@
+"""The equivalence database's tables, declared once as data.
+
+The four bitbake tables are exactly those of bitbake-hashserv 2.19 (its sqlite engine declares
+them the same way, as lists of (name, type, flags)); ``sstate_proxy_archives`` is sstate-proxy's
+own (storage dedup) and is ignored by bitbake. A SQL engine builds its CREATE statements from
+these declarations (``create_table``/``create_index``), so the schema is written down only here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    name: str
+    type: str  # the SQL type as bitbake declares it (TEXT, INTEGER, DATETIME)
+    flags: str = ""  # "NOT NULL", "PRIMARY KEY AUTOINCREMENT", ...
+
+
+@dataclass(frozen=True, slots=True)
+class Table:
+    name: str
+    columns: tuple[Column, ...]
+    unique: tuple[str, ...] = ()  # one table-level UNIQUE(...) constraint, if any
+
+    @property
+    def column_names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.columns)
+
+
+@dataclass(frozen=True, slots=True)
+class Index:
+    name: str
+    table: str
+    columns: tuple[str, ...]
+
+
+_ID = Column("id", "INTEGER", "PRIMARY KEY AUTOINCREMENT")
+
+UNIHASHES = Table("unihashes_v3", (
+    _ID,
+    Column("method", "TEXT", "NOT NULL"),
+    Column("taskhash", "TEXT", "NOT NULL"),
+    Column("unihash", "TEXT", "NOT NULL"),
+    Column("gc_mark", "TEXT", "NOT NULL"),
+), unique=("method", "taskhash"))
+
+OUTHASHES = Table("outhashes_v2", (
+    _ID,
+    Column("method", "TEXT", "NOT NULL"),
+    Column("taskhash", "TEXT", "NOT NULL"),
+    Column("outhash", "TEXT", "NOT NULL"),
+    Column("created", "DATETIME"),
+    Column("owner", "TEXT"),
+    Column("PN", "TEXT"),
+    Column("PV", "TEXT"),
+    Column("PR", "TEXT"),
+    Column("task", "TEXT"),
+    Column("outhash_siginfo", "TEXT"),
+), unique=("method", "taskhash", "outhash"))
+
+USERS = Table("users", (
+    _ID,
+    Column("username", "TEXT", "NOT NULL"),
+    Column("token", "TEXT", "NOT NULL"),
+    Column("permissions", "TEXT", "NOT NULL"),  # space-separated
+), unique=("username",))
+
+CONFIG = Table("config", (
+    _ID,
+    Column("name", "TEXT", "NOT NULL"),
+    Column("value", "TEXT"),
+), unique=("name",))
+
+# Storage dedup (storage.dedup): object key -> archive identity and the canonical key whose bytes
+# serve it. NOT hash equivalence: never read by the hashserv faces.
+ARCHIVES = Table("sstate_proxy_archives", (
+    Column("key", "TEXT", "PRIMARY KEY"),
+    Column("identity", "TEXT", "NOT NULL"),
+    Column("size", "INTEGER", "NOT NULL"),
+    Column("canonical", "TEXT", "NOT NULL"),
+    Column("created", "TEXT"),
+))
+
+TABLES = (UNIHASHES, OUTHASHES, USERS, CONFIG, ARCHIVES)
+
+INDEXES = (
+    Index("taskhash_lookup_v4", "unihashes_v3", ("method", "taskhash")),
+    Index("unihash_lookup_v1", "unihashes_v3", ("unihash",)),
+    Index("outhash_lookup_v3", "outhashes_v2", ("method", "outhash")),
+    Index("config_lookup", "config", ("name",)),
+    Index("sstate_proxy_archives_identity", "sstate_proxy_archives", ("identity",)),
+    Index("sstate_proxy_archives_canonical", "sstate_proxy_archives", ("canonical",)),
+)
+
+# Indexes of older bitbake schemas, dropped at open as bitbake does.
+OBSOLETE_INDEXES = (
+    "taskhash_lookup", "outhash_lookup", "taskhash_lookup_v2", "outhash_lookup_v2", "taskhash_lookup_v3",
+)
+
+
+def create_table(table: Table) -> str:
+    parts = [" ".join(p for p in (c.name, c.type, c.flags) if p) for c in table.columns]
+    if table.unique:
+        parts.append(f"UNIQUE({', '.join(table.unique)})")
+    return f"CREATE TABLE IF NOT EXISTS {table.name} ({', '.join(parts)})"
+
+
+def create_index(index: Index) -> str:
+    return f"CREATE INDEX IF NOT EXISTS {index.name} ON {index.table} ({', '.join(index.columns)})"
