@@ -22,10 +22,12 @@ from datetime import UTC, datetime
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from proxy.config import S3Config  # noqa: E402
 from storage import ByteStream, LocalFile  # noqa: E402
 from storage.local import LocalStore  # noqa: E402
-from storage.s3 import S3Store  # noqa: E402
+from storage.s3 import (
+    S3Config,  # noqa: E402
+    S3Store,  # noqa: E402
+)
 from tests.s3server import MotoServer, use_test_credentials  # noqa: E402
 
 MiB = 1024 * 1024

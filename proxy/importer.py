@@ -7,12 +7,12 @@
   and NamedTemporaryFile leftovers (``<object name><8 random chars>``).
 * Refused (counted, listed, exit 0): names that are not sstate names, symlinks leading outside
   SSTATE_DIR, special files, unreadable files.
-* Resumable and idempotent: a key already stored (or a dedup alias) is skipped; ``put`` is
-  atomic, so an interrupted run leaves no partial object and the next run carries on.
-* ``--link``: hard-link into a local store on the same filesystem instead of copying (copies,
-  with one warning, across filesystems or into S3).
-* Dedup: archives get their archive identity recorded; an archive equal to one already stored
-  is not stored again, only recorded as an alias (see proxy/uploads.py).
+* Resumable and idempotent: a key already stored is skipped; the store writes atomically, so an
+  interrupted run leaves no partial object and the next run carries on.
+* ``--link``: the store hard-links the file instead of copying when it can (a local store on
+  the same filesystem; it copies otherwise).
+* Dedup is the store's business (storage.dedup, on unless ``--no-dedup`` or ``[storage] dedup``
+  is off): an archive equal to one already stored is not stored again.
 * Bounded concurrency (``--jobs``), a rich progress bar on stderr, a summary on stdout; exit 1
   only when objects failed to store (store/database errors).
 """
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import errno
 import logging
 import os
 import re
@@ -30,8 +29,7 @@ import sys
 from dataclasses import dataclass, field
 
 from proxy import names
-from proxy.uploads import Dedup, file_chunks
-from storage import InvalidKey, StoreError, open_store
+from storage import InvalidKey, ObjectStore, StoreError, open_store
 from storage.equivalence import open_equivalence_db
 
 log = logging.getLogger("sstate_proxy.import")
@@ -112,36 +110,33 @@ def scan(top: str, summary: Summary) -> list[tuple[str, str]]:
 
 
 class Importer:
-    def __init__(self, store, db, *, link: bool, jobs: int, dedup: bool = True) -> None:
+    def __init__(self, store: ObjectStore, *, link: bool, jobs: int) -> None:
         self.store = store
-        self.db = db
         self.link = link
         self.jobs = max(1, jobs)
-        self.dedup = Dedup(store, db, dedup_new=dedup)
-        self.root = getattr(store, "root", None) if link else None
         self._warned_copy = False
-        # equal archives found by concurrent workers: the first stores, the others alias it
-        self._identity_locks: dict[str, asyncio.Lock] = {}
-        if link and self.root is None:
-            self._warn_copy("the configured store is not on local disk")
-
-    def _warn_copy(self, why: str) -> None:
-        if not self._warned_copy:
-            self._warned_copy = True
-            print(f"sstate-proxy import: warning: --link: {why}; copying instead", file=sys.stderr)
 
     async def one(self, key: str, path: str, s: Summary) -> None:
         try:
-            if await self.dedup.present(key):
+            if await self.store.stat(key) is not None:
                 s.skipped += 1
                 return
-            identity = await self.dedup.identity_of_path(path, key)
-            if identity is None:
-                await self._store(key, path, None, s)
+            size = os.stat(path).st_size
+            result = await self.store.put_file(key, path, link=self.link)
+            if not result.created:
+                s.skipped += 1
                 return
-            lock = self._identity_locks.setdefault(identity, asyncio.Lock())
-            async with lock:
-                await self._store(key, path, identity, s)
+            s.added += 1
+            if result.shared_with is not None:
+                s.deduplicated += 1
+                return
+            s.bytes_added += size
+            if result.linked:
+                s.linked += 1
+            elif self.link and not self._warned_copy:
+                self._warned_copy = True
+                print("sstate-proxy import: warning: --link: the store cannot hard-link this file "
+                      "(another filesystem, or not a local store); copying instead", file=sys.stderr)
         except PermissionError as e:
             s.refused.append((key, f"unreadable: {e.strerror}"))
         except InvalidKey as e:
@@ -151,58 +146,6 @@ class Importer:
         except Exception as e:  # one bad file must not stop the import
             log.exception("import of %s failed", key)
             s.failed.append((key, f"{type(e).__name__}: {e}"))
-
-    async def _store(self, key: str, path: str, identity: str | None, s: Summary) -> None:
-        size = os.stat(path).st_size
-        if identity is not None:
-            canonical = await self.db.record_archive(key, identity, size)
-            if canonical != key and await self.store.stat(canonical) is not None:
-                s.added += 1
-                s.deduplicated += 1
-                return
-            if canonical != key:  # stale canonical (removed outside the proxy): take over
-                await self.db.forget_archive(canonical, successor=key)
-        linked = await self._link(key, path) if self.root is not None else None
-        if linked is not None:
-            if linked:
-                s.added += 1
-                s.linked += 1
-                s.bytes_added += size
-            else:
-                s.skipped += 1
-            return
-        result = await self.store.put(key, file_chunks(path), size=size)
-        if result.created:
-            s.added += 1
-            s.bytes_added += size
-        else:
-            s.skipped += 1
-
-    async def _link(self, key: str, path: str) -> bool | None:
-        """Hard-link ``path`` as ``key`` in the local store: True linked, False present already,
-        None -> copy instead (other filesystem, no hard links)."""
-        dest = os.path.join(self.root, key)
-        real_root = os.path.realpath(self.root)
-
-        def do() -> bool:
-            parent = os.path.dirname(dest)
-            os.makedirs(parent, mode=0o775, exist_ok=True)
-            if not os.path.realpath(parent).startswith(real_root + os.sep) and \
-                    os.path.realpath(parent) != real_root:
-                raise InvalidKey("key leads outside the store root")
-            try:
-                os.link(path, dest, follow_symlinks=True)  # atomic, never replaces
-            except FileExistsError:
-                return False  # stored meanwhile
-            return True
-
-        try:
-            return await asyncio.get_running_loop().run_in_executor(None, do)
-        except OSError as e:
-            if e.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
-                self._warn_copy(f"cannot hard-link ({e.strerror})")
-                return None
-            raise
 
     async def run(self, items: list[tuple[str, str]], s: Summary, progress=None, task=None) -> None:
         queue: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
@@ -227,11 +170,11 @@ async def import_dir(cfg, top: str, *, link: bool = False, jobs: int = 8, dedup:
     s = Summary()
     loop = asyncio.get_running_loop()
     items = await loop.run_in_executor(None, scan, top, s)
-    store = open_store(cfg)
     db = open_equivalence_db(cfg.database.url)
+    store = open_store(cfg, db if dedup else None)
     try:
         await store.start()
-        imp = Importer(store, db, link=link, jobs=jobs, dedup=dedup)
+        imp = Importer(store, link=link, jobs=jobs)
         if show_progress:
             from rich.console import Console
             from rich.progress import (

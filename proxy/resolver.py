@@ -87,11 +87,7 @@ class Resolver:
             if expiry > time.monotonic():
                 return None
             del self._negative[key]
-        # Storage dedup (proxy/uploads.py): a name stored as an alias of an equal archive is
-        # served the canonical's bytes; the content is identical, so it is a "hit".
-        found = await self._alias(key, name.hash)
-        if found is None and self.limit > 0:
-            found = await self._search(name)
+        found = await self._search(name) if self.limit > 0 else None
         if found is None:
             self._remember(self._negative, key, time.monotonic() + self.negative_ttl)
             return None
@@ -120,20 +116,7 @@ class Resolver:
             meta = await self.store.stat(cand_key)
             if meta is not None:
                 return Resolution(cand_key, meta, cand, "equivalent")
-            # storage dedup: the candidate may be stored as an alias of an equal archive
-            alias = await self._alias(cand_key, cand)
-            if alias is not None:
-                return Resolution(alias.key, alias.meta, cand, "equivalent")
         return None
-
-    async def _alias(self, key: str, hash_: str) -> Resolution | None:
-        """Storage dedup: ``key`` stored as an alias of an equal archive -> its canonical object."""
-        lookup = getattr(self.db, "archive_alias", None)
-        canonical = await lookup(key) if lookup is not None else None
-        if canonical is None:
-            return None
-        meta = await self.store.stat(canonical)
-        return Resolution(canonical, meta, hash_, "hit") if meta is not None else None
 
     def _remember(self, cache: OrderedDict, key: str, value) -> None:
         cache[key] = value

@@ -1,7 +1,7 @@
 """Where objects live. Knows nothing of HTTP: the mirror speaks HTTP, a store only stores.
 
 The interface is deliberately small (the bazel-remote / attic shape): a backend answers
-``stat``, ``open``, ``put``, ``delete`` and ``keys``. ``open`` returns one of three bodies so
+``stat``, ``open``, ``put``, ``put_file``, ``delete`` and ``keys``. ``open`` returns one of three bodies so
 the HTTP layer can pick the cheapest way to send bytes: a local file (sendfile), a URL
 (redirect) or an async byte stream.
 
@@ -12,9 +12,15 @@ root, as a second line of defence.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from storage.equivalence import EquivalenceDB
+
+READ_BLOCK = 1024 * 1024
 
 
 class StoreError(Exception):
@@ -77,6 +83,24 @@ Body = LocalFile | RedirectURL | ByteStream
 class PutResult:
     meta: Meta
     created: bool  # False: the key existed already (first write wins, the new body was discarded)
+    linked: bool = False  # put_file(link=True) hard-linked the file instead of copying it
+    # The key whose stored bytes now serve this one, when the store keeps equal content once
+    # (storage.dedup); None when the key has bytes of its own.
+    shared_with: str | None = None
+
+
+async def file_chunks(path: str, block: int = READ_BLOCK) -> AsyncIterator[bytes]:
+    """The bytes of a local file, read in the default executor."""
+    loop = asyncio.get_running_loop()
+    f = await loop.run_in_executor(None, open, path, "rb")
+    try:
+        while True:
+            data = await loop.run_in_executor(None, f.read, block)
+            if not data:
+                return
+            yield data
+    finally:
+        f.close()
 
 
 @runtime_checkable
@@ -112,6 +136,11 @@ class ObjectStore(Protocol):
         TooLarge past ``max_size``. An existing key is kept (first write wins).
         """
 
+    async def put_file(self, key: str, path: str, *, link: bool = False) -> PutResult:
+        """``put`` of a local file's bytes (``sstate-proxy import``). ``link``: hard-link the file
+        into the store when the backend keeps files on the same filesystem (``linked`` in the
+        result); every backend otherwise copies (S3 uploads it). First write wins."""
+
     async def delete(self, key: str) -> bool:
         """Remove ``key``; True if it existed."""
 
@@ -122,15 +151,26 @@ class ObjectStore(Protocol):
         """Release connections, executors, background tasks."""
 
 
-def open_store(config) -> ObjectStore:
-    """Build the store the config names; nothing outside this function knows the backend."""
+def open_store(config, db: EquivalenceDB | None = None) -> ObjectStore:
+    """Build the store the config names; nothing outside this function knows the backend.
+
+    With ``[storage] dedup`` and a database, the backend is wrapped in a DedupStore (equal
+    archives stored once, see storage.dedup); otherwise it is returned as it is.
+    """
     backend = config.storage.backend
+    store: ObjectStore
     if backend == "local":
         from storage.local import LocalStore
 
-        return LocalStore(config.storage.path)
-    if backend == "s3":
+        store = LocalStore(config.storage.path)
+    elif backend == "s3":
         from storage.s3 import S3Store
 
-        return S3Store(config.storage.s3, confirm_misses=not config.storage.s3.only_writer)
-    raise ValueError(f"unknown storage backend {backend!r}")
+        store = S3Store(config.storage.s3, confirm_misses=not config.storage.s3.only_writer)
+    else:
+        raise ValueError(f"unknown storage backend {backend!r}")
+    if config.storage.dedup and db is not None:
+        from storage.dedup import DedupStore
+
+        return DedupStore(store, db)
+    return store

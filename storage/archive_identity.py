@@ -10,7 +10,7 @@ and deliberately **not** mtimes/atimes/ctimes. Equal identity => extracting eith
 identical files, so the mirror may store one copy and serve it for both names (dedup).
 
 This is NOT bitbake's OEOuthashBasic and must never become a hash-equivalence mapping
-(/work/shared/research/sstate-client.md part d: it lacks HASHEQUIV_EXTRA_SIGDATA & co). It is
+(it lacks what bitbake's outhash adds, such as HASHEQUIV_EXTRA_SIGDATA). It is
 kept under its own method name, :data:`METHOD`, in its own table, and only ever used for dedup.
 
 Pure and synchronous (no I/O besides reading the file object it is given); streaming: zstd via

@@ -41,6 +41,7 @@ from storage import (
     PutResult,
     StoreError,
     TooLarge,
+    file_chunks,
 )
 
 log = logging.getLogger(__name__)
@@ -491,6 +492,42 @@ class LocalStore:
                 cf.add_done_callback(close_result)
             else:
                 cf.add_done_callback(close_fds)
+
+    async def put_file(self, key: str, path: str, *, link: bool = False) -> PutResult:
+        """Store a local file's bytes as ``key``. ``link``: hard-link it (atomic, never replaces
+        an existing name; ``linked`` in the result); copies instead when the file is on another
+        filesystem or cannot be linked."""
+        if link:
+            try:
+                return await self._link(key, path)
+            except OSError as e:
+                if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+                    raise StoreError(f"link {key!r}: {e.strerror}") from e
+                log.info("local store: cannot hard-link %s (%s); copying", key, e.strerror)
+        return await self.put(key, file_chunks(path), size=os.stat(path).st_size)
+
+    async def _link(self, key: str, path: str) -> PutResult:
+        parts = check_key(key)
+        found = self._lookup(key)
+        if found is not None:
+            return PutResult(_meta(found[1]), False)
+
+        def do() -> PutResult:
+            dfd = self._open_dir(parts[:-1])  # every component checked to stay inside the root
+            try:
+                try:
+                    os.link(path, parts[-1], dst_dir_fd=dfd, follow_symlinks=True)
+                    created = True
+                except FileExistsError:
+                    created = False  # stored meanwhile: first write wins
+                st = os.stat(parts[-1], dir_fd=dfd, follow_symlinks=False)
+                if created and self._fsync:
+                    os.fsync(dfd)
+                return PutResult(_meta(st), created, linked=created)
+            finally:
+                os.close(dfd)
+
+        return await asyncio.get_running_loop().run_in_executor(self._pool, do)
 
     async def delete(self, key: str) -> bool:
         found = self._lookup(key)

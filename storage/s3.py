@@ -40,10 +40,12 @@ import contextlib
 import functools
 import hashlib
 import logging
+import os
 import re
 import struct
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -69,8 +71,28 @@ from storage import (
     StoreError,
     StoreUnavailable,
     TooLarge,
+    file_chunks,
 )
 from storage.local import check_key
+
+
+@dataclass(frozen=True)
+class S3Config:
+    """``[storage.s3]``: the S3 backend's settings."""
+
+    bucket: str = ""
+    prefix: str = ""
+    region: str = ""
+    endpoint_url: str = ""
+    redirect_get: bool = False
+    presign_ttl_s: int = 300
+    max_connections: int = 32
+    timeout_s: float = 10.0
+    index: bool = True
+    index_refresh_s: int = 300
+    # Trust a complete index for misses too (no S3 HEAD per miss): only when this service is
+    # the bucket's only writer.
+    only_writer: bool = False
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +184,7 @@ class S3Store:
 
     def __init__(
         self,
-        cfg: Any,
+        cfg: S3Config,
         *,
         negative_ttl_s: float = 2.0,
         confirm_misses: bool = True,
@@ -516,6 +538,10 @@ class S3Store:
             entry[1] -= 1
             if entry[1] == 0:
                 self._locks.pop(key, None)
+
+    async def put_file(self, key: str, path: str, *, link: bool = False) -> PutResult:
+        """Upload a local file (S3 has no hard links: ``link`` is ignored)."""
+        return await self.put(key, file_chunks(path), size=os.stat(path).st_size)
 
     async def put(
         self,

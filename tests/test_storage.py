@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config import S3Config
 from storage import (
     ByteStream,
     DigestMismatch,
@@ -33,7 +32,7 @@ from storage import (
     TooLarge,
 )
 from storage.local import LocalStore
-from storage.s3 import S3Store, pack_meta, unpack_meta
+from storage.s3 import S3Config, S3Store, pack_meta, unpack_meta
 from tests.s3server import MotoServer, restore_env, use_test_credentials
 
 ROOT = Path(__file__).resolve().parent.parent
