@@ -165,9 +165,9 @@ async def _add_request_id(request: web.Request, response: web.StreamResponse) ->
 async def _startup(app: web.Application) -> None:
     cfg = app[CONFIG]
     parts = app[PARTS]
-    store = open_store(cfg)
+    db = open_equivalence_db(cfg.database.url)
+    store = open_store(cfg, db)
     await store.start(housekeeping=parts.get("housekeeping", True))
-    db = open_equivalence_db(cfg.database.url, commit_interval_ms=cfg.database.commit_interval_ms)
     auth = Auth(db, cfg.hashserv.anon_perms)
     resolver = Resolver(db, store, cfg.equivalence)
     reporter = Reporter(db, auth, read_only=cfg.hashserv.read_only, on_change=resolver.invalidate)
@@ -177,7 +177,7 @@ async def _startup(app: web.Application) -> None:
     parts.update(store=store, db=db, auth=auth, resolver=resolver, reporter=reporter, hashserv=hashserv)
     parts["mirror"] = mirror = Mirror(store, resolver, auth, app[METRICS], cfg.server.mirror_prefix)
     parts["uploads"] = Uploads(mirror, max_upload_bytes=cfg.limits.max_upload_bytes,
-                               read_only=cfg.hashserv.read_only, dedup=cfg.storage.dedup)
+                               read_only=cfg.hashserv.read_only)
     parts["equiv"] = EquivalenceAPI(reporter, auth, app[METRICS], cfg.limits.max_request_body_bytes)
 
 
