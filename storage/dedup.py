@@ -22,6 +22,7 @@ import concurrent.futures
 import logging
 import os
 import tempfile
+import weakref
 from collections.abc import AsyncIterator
 
 from storage import Body, ByteStream, LocalFile, Meta, ObjectStore, PutResult
@@ -43,6 +44,9 @@ class DedupStore:
         # Serialises "record, then drop the duplicate" and "delete with promotion" in this
         # process, so a duplicate is never dropped while its canonical is being promoted away.
         self._lock = asyncio.Lock()
+        # put_file of equal archives at once (import workers): the first stores, the others wait
+        # for its bytes and alias them
+        self._identity_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
     # --- reads -------------------------------------------------------------------------------
     async def stat(self, key: str) -> Meta | None:
@@ -105,16 +109,20 @@ class DedupStore:
         if identity is None:
             return await self.inner.put_file(key, path, link=link)
         size = os.stat(path).st_size
-        async with self._lock:
-            canonical = await self.db.record_archive(key, identity, size)
-            if canonical != key:
-                meta = await self.inner.stat(canonical)
-                if meta is not None:
-                    log.info("dedup: %s has the same archive identity as %s; stored once", key, canonical)
-                    return PutResult(meta, True, shared_with=canonical)
-                # the canonical vanished behind our back (removed outside the proxy): take over
-                await self.db.forget_archive(canonical, successor=key)
-        return await self.inner.put_file(key, path, link=link)
+        lock = self._identity_locks.get(identity)
+        if lock is None:
+            lock = self._identity_locks[identity] = asyncio.Lock()
+        async with lock:
+            async with self._lock:
+                canonical = await self.db.record_archive(key, identity, size)
+                if canonical != key:
+                    meta = await self.inner.stat(canonical)
+                    if meta is not None:
+                        log.info("dedup: %s has the same archive identity as %s; stored once", key, canonical)
+                        return PutResult(meta, True, shared_with=canonical)
+                    # the canonical vanished behind our back (removed outside the proxy): take over
+                    await self.db.forget_archive(canonical, successor=key)
+            return await self.inner.put_file(key, path, link=link)
 
     async def delete(self, key: str) -> bool:
         """Remove ``key`` (object or alias); promote an alias when ``key`` is canonical."""
