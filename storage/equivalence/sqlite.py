@@ -21,6 +21,8 @@ Transactions
   waits for a writer, and a lookup costs less than the hop to a thread and back would.
   Whole-table reads (``get_usage``, ``gc_status``) run in a thread on a connection of their own;
   whole-table writes (``remove``, ``clean_unused``, ``gc_mark``, ``gc_sweep``) are writer jobs.
+* WAL checkpoints (which copy pages back into the database file and fsync it) run in a thread
+  of their own, PASSIVE, every CHECKPOINT_EVERY commits, instead of inside a commit.
 * ``created`` is written as UTC ISO text (``2026-05-01T12:00:00.123456+00:00``), exactly what
   bitbake's registered adapter writes, and is handed back to callers as the stored string.
 * ``generation()`` follows ``PRAGMA data_version`` of the read connection, which moves whenever
@@ -72,6 +74,9 @@ T = TypeVar("T")
 # How long the writer waits for another process's write lock before giving up (the callers get
 # DatabaseUnavailable); also the readers' wait for a WAL recovery at open.
 BUSY_TIMEOUT_S = 5.0
+# The checkpointer thread copies the WAL back into the database every CHECKPOINT_EVERY commits.
+CHECKPOINT_EVERY = 64
+WAL_BACKSTOP_PAGES = 20000
 GC_MARK_NAME = "gc-mark"
 
 # Columns of unihashes_v3 that outhashes_v2 lacks: naming one of them in `remove` ties the
@@ -230,11 +235,50 @@ def _migrate(conn: sqlite3.Connection) -> None:
 _Job = tuple[Callable[[sqlite3.Connection], Any], concurrent.futures.Future]
 
 
+class _Checkpointer:
+    """PASSIVE WAL checkpoints in a thread of their own, on a connection of their own, so that
+    copying the WAL back into the database file (and its fsync) never stalls the writer's
+    commits; a PASSIVE checkpoint never blocks readers or writers."""
+
+    def __init__(self, path: str, busy_timeout_s: float) -> None:
+        self.path = path
+        self.busy_timeout_s = busy_timeout_s
+        self.due = threading.Event()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, name="equivalence-checkpoint", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        conn = _connect(self.path, read_only=False, busy_timeout_s=self.busy_timeout_s)
+        try:
+            while True:
+                self.due.wait()
+                self.due.clear()
+                if self.stopping:
+                    return
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error as exc:  # a failed checkpoint only delays the next one
+                    log.warning("WAL checkpoint failed: %s", exc)
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.due.set()
+        self.thread.join()
+
+
 class _Writer:
     """The one thread that writes: group commit of every queued job, a SAVEPOINT per job."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: sqlite3.Connection, checkpointer: _Checkpointer) -> None:
         self.conn = conn
+        self.checkpointer = checkpointer
+        # SQLite's own checkpoint-on-commit stays as a backstop, far above the checkpointer's
+        # threshold, so that it practically never runs inside a commit.
+        conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_BACKSTOP_PAGES}")
+        self.commits = 0
         self.jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self.thread = threading.Thread(target=self._run, name="equivalence-writer", daemon=True)
         self.thread.start()
@@ -248,6 +292,7 @@ class _Writer:
         self.jobs.put(None)
         self.thread.join()
         self.conn.close()
+        self.checkpointer.stop()
 
     def _run(self) -> None:
         while True:
@@ -304,7 +349,13 @@ class _Writer:
                 outcomes.append((True, result))
         # Nothing changed (ignored INSERT OR IGNOREs): roll back, so that other connections'
         # data_version (and the caches keyed on it) do not move for nothing.
-        conn.execute("COMMIT" if conn.total_changes != before else "ROLLBACK")
+        if conn.total_changes == before:
+            conn.execute("ROLLBACK")
+        else:
+            conn.execute("COMMIT")
+            self.commits += 1
+            if self.commits % CHECKPOINT_EVERY == 0:
+                self.checkpointer.due.set()
         for (_, fut), (ok, value) in zip(batch, outcomes, strict=True):
             if ok:
                 fut.set_result(value)
@@ -331,7 +382,7 @@ class SqliteEquivalenceDB:
                 if _is_busy(exc):
                     raise _unavailable(exc) from exc
                 raise
-            self._writer = _Writer(conn)
+            self._writer = _Writer(conn, _Checkpointer(path, busy_timeout_s))
         self._conn = _connect(path, read_only=read_only, busy_timeout_s=busy_timeout_s)
         self._heavy_lock = threading.Lock()
         self._gen = 0
@@ -343,7 +394,9 @@ class SqliteEquivalenceDB:
         once that transaction has committed. Raises what ``fn`` raised (its statements rolled
         back, the rest of the group unaffected) or DatabaseUnavailable."""
         if self._writer is None:
-            raise ReadOnlyError("the equivalence database is open read-only")
+            if self.read_only:
+                raise ReadOnlyError("the equivalence database is open read-only")
+            raise DatabaseUnavailable("the equivalence database is closed")
         return await asyncio.wrap_future(self._writer.submit(fn))
 
     async def _heavy_read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
