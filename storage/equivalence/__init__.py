@@ -75,7 +75,8 @@ class EquivalenceDB(Protocol):
         one indexed row) because every worker polls it a few times a second.
         """
 
-    # --- writes (each commits before it returns; DatabaseUnavailable when it cannot) --------
+    # --- writes: each returns after its commit; DatabaseUnavailable when the database cannot
+    # take it now; PermissionError on a database opened read-only ---------------------------
     async def insert_outhash(self, row: Row) -> bool:
         """INSERT OR IGNORE into outhashes_v2; True if the row is new."""
 
@@ -129,9 +130,9 @@ class EquivalenceDB(Protocol):
         """Finish the queued writes and release the connections."""
 
     # --- archive identity (storage dedup; sstate-proxy's own table, NOT hash equivalence) ------
-    # Rows live in ``sstate_proxy_archives`` under the method name
-    # storage.archive_identity.METHOD; they never reach unihashes_v3/outhashes_v2 and are never
-    # answered to hashserv clients (an archive identity is not an OEOuthashBasic).
+    # Rows live in ``sstate_proxy_archives`` (storage.dedup is their only user); they never
+    # reach unihashes_v3/outhashes_v2 and are never answered to hashserv clients (an archive
+    # identity is not an OEOuthashBasic).
     async def record_archive(self, key: str, identity: str, size: int) -> str:
         """Record that object ``key`` (``size`` bytes) has archive ``identity``; return the
         canonical key for that identity (``key`` itself when it is the first). Atomic: of
