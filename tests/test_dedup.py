@@ -94,3 +94,20 @@ async def test_put_file_dedups_before_writing(pair, tmp_path: Path):
     assert r2.created and r2.shared_with == key(1) and await inner.stat(key(2)) is None
     assert await get(store, key(2)) == files[0].read_bytes()
     assert not (await store.put_file(key(2), str(files[1]))).created
+
+
+async def test_open_store_wraps_only_with_dedup_and_a_database(tmp_path: Path):
+    from types import SimpleNamespace
+
+    from storage import open_store
+
+    db = SqliteEquivalenceDB(str(tmp_path / "db"))
+    try:
+        for dedup, with_db, wrapped in ((True, True, True), (True, False, False), (False, True, False)):
+            cfg = SimpleNamespace(storage=SimpleNamespace(backend="local", path=str(tmp_path / "root"), dedup=dedup))
+            store = open_store(cfg, db if with_db else None)
+            assert isinstance(store, DedupStore) is wrapped
+            assert isinstance(store, ObjectStore)
+            await store.close()
+    finally:
+        await db.close()
