@@ -5,7 +5,7 @@
     c.objects        # keys of the sstate objects written
     c.equivalences   # (taskhash_key, unihash_key, method): only unihash_key exists
 
-Self-contained (no dependency on ../shared or on proxy/).  Same arguments -> same names,
+Self-contained (no dependency on anything outside tests/, not even proxy/).  Same arguments -> same names,
 same bytes, same mtimes (given the same zstandard version).  Also a CLI for benches::
 
     python -m tests.corpus OUT_DIR [-n 5000] [--seed 1] [--equiv-fraction 0.3]
