@@ -127,7 +127,7 @@ async def start_unix(path: str, handler: StreamHandler, limit: int) -> Listener:
     sock = bind_socket(f"unix://{path}")
     st = os.stat(path)  # removed on close only if the file is still ours
     try:
-        server = await asyncio.start_unix_server(handler, sock=sock, limit=limit)
+        server = await asyncio.start_unix_server(handler, sock=sock, limit=limit, backlog=BACKLOG)
     except BaseException:
         sock.close()
         raise
@@ -171,10 +171,10 @@ async def start_on_socket(sock: socket.socket, handler: StreamHandler, limit: in
     """Serve on an already bound and listening socket (not unlinked on close: its owner does)."""
     sock.setblocking(False)
     if sock.family == socket.AF_UNIX:
-        server = await asyncio.start_unix_server(handler, sock=sock, limit=limit)
+        server = await asyncio.start_unix_server(handler, sock=sock, limit=limit, backlog=BACKLOG)
         name = sock.getsockname()
         return Listener(server, "unix", f"unix://{name if isinstance(name, str) else name.decode()}")
-    server = await asyncio.start_server(handler, sock=sock, limit=limit)
+    server = await asyncio.start_server(handler, sock=sock, limit=limit, backlog=BACKLOG)
     return Listener(server, "tcp", _tcp_address(sock))
 
 
