@@ -1,12 +1,15 @@
 """OEHASHEQUIV 1.1: the per-connection state machine and the message table.
 
 Semantics follow bitbake-hashserv 2.19; the code is our own. Lookups and reports are the
-Reporter's (proxy.reports), shared with /v1/equivalent. Each handler is registered with the permissions it needs (``@handler``); the table is
-built once per mode (read-write / read-only: the write handlers are simply absent, so a
-read-only server treats them as unknown commands and closes the connection, as bitbake does).
+Reporter's (proxy.reports), shared with /v1/equivalent. Each handler is registered with the
+permissions it needs (``@handler``), checked in one place (``Connection._check``) before it
+runs; the table is built once per mode (read-write / read-only: the write handlers are simply
+absent, so a read-only server treats them as unknown commands and closes the connection, as
+bitbake does).
 
 Error model (what bitbake's client expects):
-* ``InvokeError``: reply ``{"invoke-error": {"message": ...}}``, then close the connection;
+* ``InvokeError`` (or the Reporter's ``ReportError``): reply ``{"invoke-error": {"message":
+  ...}}``, then close the connection;
 * anything else malformed (bad JSON, unknown command, missing key, wrong type, oversized
   message): close without a reply. Nothing is written before the input has been validated.
 """
