@@ -34,6 +34,7 @@ READ_SIZE = 256 * 1024
 # Replies queued beyond this are written (and drained) without waiting for the input to run dry,
 # so a client that pipelines without reading cannot make the server buffer without bound.
 FLUSH_AT = 256 * 1024
+CLOSE_TIMEOUT_S = 5.0
 
 
 class ConnectionClosed(Exception):
@@ -120,8 +121,11 @@ class MessageIO:
         """Send what is queued."""
         raise NotImplementedError
 
-    async def maybe_flush(self) -> None:
-        """Send what is queued if it has grown large (a long pipelined batch)."""
+    @property
+    def flush_due(self) -> bool:
+        """True when the queued replies have grown large (a long pipelined batch): the caller
+        flushes without waiting for the input to run dry."""
+        return False
 
     async def close(self) -> None:
         raise NotImplementedError
@@ -218,14 +222,18 @@ class StreamIO(MessageIO):
             self._writer.write(data)
             await self._writer.drain()
 
-    async def maybe_flush(self) -> None:
-        if self._out_size >= FLUSH_AT:
-            await self.flush()
+    @property
+    def flush_due(self) -> bool:
+        return self._out_size >= FLUSH_AT
 
     async def close(self) -> None:
+        """Close after sending what the transport holds; a peer that does not read it within
+        CLOSE_TIMEOUT_S is cut off."""
         self._writer.close()
         try:
-            await self._writer.wait_closed()
+            await asyncio.wait_for(self._writer.wait_closed(), CLOSE_TIMEOUT_S)
+        except TimeoutError:
+            self._writer.transport.abort()
         except (ConnectionError, OSError):
             pass  # the peer is gone already
 

@@ -268,7 +268,8 @@ class Connection:
                 io.write_line(await answer(line))
             finally:
                 stats.add(perf() - t0)
-            await io.maybe_flush()
+            if io.flush_due:
+                await io.flush()
         io.write_line("ok")
         return NO_RESPONSE
 

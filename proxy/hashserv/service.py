@@ -8,7 +8,6 @@ and Reporter (the lookup and report algorithm, with the upstream hashserv if the
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
 
@@ -25,6 +24,13 @@ from storage.equivalence import EquivalenceDB
 log = logging.getLogger("sstate_proxy.hashserv")
 
 STOP_GRACE_S = 2.0
+
+
+async def _close_quietly(io: MessageIO) -> None:
+    try:
+        await io.close()
+    except Exception:  # noqa: BLE001 - a connection that is already broken
+        log.debug("hashserv %s: error while closing", io.peer, exc_info=True)
 
 
 class HashservService:
@@ -83,10 +89,9 @@ class HashservService:
             await lst.close()
         self.listeners.clear()
         live = dict(self._connections)
-        for io in live.values():
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(io.close(), STOP_GRACE_S)
         if live:
+            closing = [asyncio.ensure_future(_close_quietly(io)) for io in live.values()]
+            await asyncio.wait(closing, timeout=STOP_GRACE_S)
             _, pending = await asyncio.wait(live, timeout=STOP_GRACE_S)
             for task in pending:
                 task.cancel()
