@@ -8,9 +8,10 @@
   one is an error), the file is removed again on stop. Long paths (AF_UNIX allows ~107 bytes)
   are bound through ``/proc/self/fd/<dirfd>/name``, so no ``chdir`` is needed.
 * every connection is an asyncio stream served by ``handler(reader, writer)`` in a task of its
-  own; the reader's ``limit`` is the message bound.
-* websocket: ``websocket_response``; heartbeats off (bitbake's
-  synchronous client cannot answer pings while idle), text frames only, 1 MiB per message.
+  own (``asyncio.start_server``); the reader buffers at most about the message bound
+  (``limit``) before it stops reading the socket.
+* websocket: ``websocket_response``; heartbeats off (bitbake's synchronous client cannot answer
+  pings while idle), text frames only, 1 MiB per message.
 """
 
 from __future__ import annotations
