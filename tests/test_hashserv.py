@@ -80,7 +80,7 @@ async def make_server(tmp_path):
         await srv.runner.setup()
         site = web.TCPSite(srv.runner, "127.0.0.1", 0)
         await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        port = srv.runner.addresses[0][1]
         srv.addr["ws"] = f"ws://127.0.0.1:{port}/ws"
         servers.append(srv)
         return srv
