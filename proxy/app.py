@@ -29,6 +29,7 @@ from proxy.mirror import Mirror
 from proxy.reports import Reporter
 from proxy.resolver import Resolver
 from proxy.uploads import Uploads
+from proxy.upstream_hashserv import UpstreamHashserv
 from storage import open_store
 from storage.equivalence import open_equivalence_db
 
@@ -170,8 +171,12 @@ async def _startup(app: web.Application) -> None:
     await store.start(housekeeping=parts.get("housekeeping", True))
     auth = Auth(db, cfg.hashserv.anon_perms)
     resolver = Resolver(db, store, cfg.equivalence)
-    reporter = Reporter(db, auth, read_only=cfg.hashserv.read_only, on_change=resolver.invalidate)
-    hashserv = HashservService(db, auth, cfg, on_change=resolver.invalidate, reporter=reporter)
+    upstream = None
+    if cfg.hashserv.upstream and not cfg.hashserv.read_only:
+        upstream = UpstreamHashserv(cfg.hashserv.upstream)
+    reporter = Reporter(db, auth, read_only=cfg.hashserv.read_only, upstream=upstream,
+                        on_change=resolver.invalidate)
+    hashserv = HashservService(db, auth, cfg, reporter)
     if not parts.get("skip_listeners"):
         await hashserv.start(sock=parts.get("hashserv_sock"))
     parts.update(store=store, db=db, auth=auth, resolver=resolver, reporter=reporter, hashserv=hashserv)
@@ -184,7 +189,7 @@ async def _startup(app: web.Application) -> None:
 async def _cleanup(app: web.Application) -> None:
     AccessLogger.flush()
     parts = app[PARTS]
-    for name in ("hashserv", "store", "db"):
+    for name in ("hashserv", "reporter", "store", "db"):
         part = parts.get(name)
         if part is not None:
             try:

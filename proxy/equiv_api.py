@@ -4,8 +4,9 @@
     POST /v1/equivalent  {taskhash, method, outhash, depid|unihash, owner?, PN?, PV?, PR?, task?,
                           outhash_siginfo?}   -> the same shape
 
-``depid`` is the old name of ``unihash``; both are accepted and both are returned. The report
-follows bitbake-hashserv's algorithm (proxy.reports), so this face and OEHASHEQUIV agree.
+``depid`` is the old name of ``unihash``; both are accepted and both are returned. Lookups and
+reports are the Reporter's (proxy.reports), the one algorithm OEHASHEQUIV uses too, upstream
+hashserv included.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from aiohttp import web
 from proxy.auth import Auth
 from proxy.http_auth import require
 from proxy.metrics import Metrics
-from proxy.reports import Reporter, ReportError
+from proxy.reports import Reporter
 
 OPTIONAL_TEXT = ("owner", "PN", "PV", "PR", "task", "outhash_siginfo")
 
@@ -93,8 +94,5 @@ class EquivalenceAPI:
             value = _text_field(data, key, required=False, max_len=limit)
             if value is not None:
                 row[key] = value
-        try:
-            answer = await self.reporter.report(row, unihash, ident)
-        except ReportError as e:
-            raise _bad(str(e)) from None
-        return _answer(answer)
+        # a ReportError (bad unihash) is a 400 by the error middleware
+        return _answer(await self.reporter.report(row, unihash, ident))

@@ -1,17 +1,21 @@
 """A small asyncio client for an upstream OEHASHEQUIV 1.1 server (tcp, unix, ws, wss).
 
-Used by the hashserv face to answer local misses from an upstream server (``[hashserv]
-upstream``), anonymously, as bitbake-hashserv's ``--upstream`` does. Only the read calls are
-implemented: nothing is ever pushed upstream. Every failure surfaces as ``UpstreamError`` after
-one reconnect attempt; callers treat it as a miss.
+The Reporter (proxy.reports) uses it to answer local misses from an upstream server
+(``[hashserv] upstream``), anonymously, as bitbake-hashserv's ``--upstream`` does. Only the read
+calls are implemented: nothing is ever pushed upstream. A few connections are kept open and
+shared by every local client; a failing call is retried once on a fresh connection, then raises
+``UpstreamError``, and for UPSTREAM_RETRY_S after that every call fails at once (a down upstream
+must not add a connect timeout to every local miss). Callers treat ``UpstreamError`` as a miss.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
+import time
 from typing import Any
 
 import aiohttp
@@ -21,10 +25,13 @@ log = logging.getLogger("sstate_proxy.upstream_hashserv")
 PROTO = "OEHASHEQUIV 1.1"
 MAX_CHUNK = 32 * 1024
 STREAM_LIMIT = 64 * 1024 * 1024
+UPSTREAM_RETRY_S = 5.0
+MAX_CONNECTIONS = 8
 
 _MODE_NORMAL = "normal"
 _MODE_GET = "get-stream"
 _MODE_EXISTS = "exists-stream"
+_FAILURES = (OSError, ConnectionError, TimeoutError, aiohttp.ClientError, ValueError)
 
 
 class UpstreamError(Exception):
@@ -47,9 +54,27 @@ def parse_address(addr: str) -> tuple[str, tuple[Any, ...]]:
 
 
 class _Conn:
+    """One connection; ``mode`` is the stream mode the server has it in."""
+
+    mode = _MODE_NORMAL
+
     async def send(self, line: str) -> None: ...
     async def recv(self) -> str: ...
     async def close(self) -> None: ...
+
+    async def set_mode(self, mode: str) -> None:
+        if self.mode == mode:
+            return
+        if self.mode != _MODE_NORMAL:
+            await self.send("END")
+            if await self.recv() != "ok":
+                raise ConnectionError("upstream did not leave stream mode")
+            self.mode = _MODE_NORMAL
+        if mode != _MODE_NORMAL:
+            await self.send(json.dumps({mode: None}))
+            if json.loads(await self.recv()) != "ok":
+                raise ConnectionError(f"upstream refused {mode}")
+            self.mode = mode
 
 
 class _StreamConn(_Conn):
@@ -109,15 +134,15 @@ class _WsConn(_Conn):
 
 
 class UpstreamHashserv:
-    """One connection (re-opened on demand) to an upstream hash-equivalence server."""
+    """Up to ``max_connections`` pooled connections to an upstream hash-equivalence server."""
 
-    def __init__(self, address: str, timeout: float = 10.0) -> None:
+    def __init__(self, address: str, timeout: float = 10.0, max_connections: int = MAX_CONNECTIONS) -> None:
         self.address = address
         self.kind, self.args = parse_address(address)
         self.timeout = timeout
-        self._conn: _Conn | None = None
-        self._mode = _MODE_NORMAL
-        self._lock = asyncio.Lock()
+        self._idle: list[_Conn] = []
+        self._slots = asyncio.Semaphore(max_connections)
+        self._down_until = 0.0
 
     async def _connect(self) -> _Conn:
         if self.kind == "tcp":
@@ -141,58 +166,54 @@ class UpstreamHashserv:
         except BaseException:
             await conn.close()
             raise
-        self._mode = _MODE_NORMAL
         return conn
 
     async def close(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            try:
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            with contextlib.suppress(Exception):
                 await conn.close()
-            except Exception:  # noqa: BLE001
-                pass
-
-    async def _set_mode(self, conn: _Conn, mode: str) -> None:
-        if self._mode == mode:
-            return
-        if self._mode != _MODE_NORMAL:
-            await conn.send("END")
-            if await conn.recv() != "ok":
-                raise ConnectionError("upstream did not leave stream mode")
-            self._mode = _MODE_NORMAL
-        if mode != _MODE_NORMAL:
-            await conn.send(json.dumps({mode: None}))
-            if json.loads(await conn.recv()) != "ok":
-                raise ConnectionError(f"upstream refused {mode}")
-            self._mode = mode
 
     async def _call(self, mode: str, line: str) -> str:
-        async with self._lock:
+        """Send ``line`` in ``mode`` and return the reply line (an invoke-error included)."""
+        if time.monotonic() < self._down_until:
+            raise UpstreamError(f"upstream {self.address} is down")
+        async with self._slots:
             last: BaseException | None = None
             for _attempt in range(2):
+                conn = self._idle.pop() if self._idle else None
                 try:
                     async with asyncio.timeout(self.timeout):
-                        if self._conn is None:
-                            self._conn = await self._connect()
-                        conn = self._conn
-                        await self._set_mode(conn, mode)
+                        if conn is None:
+                            conn = await self._connect()
+                        await conn.set_mode(mode)
                         await conn.send(line)
-                        return await conn.recv()
-                except (OSError, ConnectionError, TimeoutError, aiohttp.ClientError, ValueError) as e:
+                        reply = await conn.recv()
+                except _FAILURES as e:
                     last = e
-                    await self.close()
-            raise UpstreamError(f"upstream {self.address}: {type(last).__name__}: {last}")
+                    if conn is not None:
+                        with contextlib.suppress(Exception):
+                            await conn.close()
+                    continue
+                if reply.startswith('{"invoke-error"'):
+                    await conn.close()  # the server closes the connection after an invoke-error
+                else:
+                    self._idle.append(conn)
+                return reply
+        if time.monotonic() >= self._down_until:
+            log.warning("upstream hashserv %s failed (%s: %s); treating it as a miss for %.0f s",
+                        self.address, type(last).__name__, last, UPSTREAM_RETRY_S)
+        self._down_until = time.monotonic() + UPSTREAM_RETRY_S
+        raise UpstreamError(f"upstream {self.address}: {type(last).__name__}: {last}")
 
     async def invoke(self, msg: dict[str, Any]) -> Any:
         reply = await self._call(_MODE_NORMAL, json.dumps(msg))
         try:
             result = json.loads(reply)
         except ValueError as e:
-            await self.close()
             raise UpstreamError(f"upstream {self.address}: bad reply") from e
         if isinstance(result, dict) and "invoke-error" in result:
-            await self.close()  # the server closes after an invoke-error
-            raise UpstreamError(f"upstream {self.address}: {result['invoke-error'].get('message')}")
+            raise UpstreamError(f"upstream {self.address}: {result['invoke-error']}")
         return result
 
     # the calls ---------------------------------------------------------------------------

@@ -1,13 +1,17 @@
 """Where OEHASHEQUIV connections come from: TCP and unix listeners, and the aiohttp websocket.
 
-* TCP (``host:port``, ``[v6]:port``, empty host = all interfaces): ``SO_REUSEPORT`` so several
-  worker processes can share one port; accepted sockets get ``TCP_NODELAY`` and keep-alives
-  (idle 30 s, interval 15 s, 4 probes), as bitbake-hashserv does.
+* TCP (``host:port``, ``[v6]:port``, empty host = all interfaces): accepted sockets get
+  ``TCP_NODELAY`` and keep-alives (idle 30 s, interval 15 s, 4 probes), as bitbake-hashserv
+  does. No ``SO_REUSEPORT``: a port another server listens on is an error (EADDRINUSE); worker
+  processes share the one socket their supervisor bound (``bind_socket``).
 * unix (``unix:///path`` or ``unix://relative``): a stale socket file is removed first (a live
   one is an error), the file is removed again on stop. Long paths (AF_UNIX allows ~107 bytes)
   are bound through ``/proc/self/fd/<dirfd>/name``, so no ``chdir`` is needed.
-* websocket: ``websocket_response`` + ``serve_websocket``; heartbeats off (bitbake's
-  synchronous client cannot answer pings while idle), text frames only, 1 MiB per message.
+* every connection is an asyncio stream served by ``handler(reader, writer)`` in a task of its
+  own (``asyncio.start_server``); the reader buffers at most about the message bound
+  (``limit``) before it stops reading the socket.
+* websocket: ``websocket_response``; heartbeats off (bitbake's synchronous client cannot answer
+  pings while idle), text frames only, 1 MiB per message.
 """
 
 from __future__ import annotations
@@ -19,15 +23,16 @@ import logging
 import os
 import socket
 import stat
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
 from proxy.config import parse_hashserv_bind
-from proxy.hashserv.framing import StreamIO
 
 log = logging.getLogger("sstate_proxy.hashserv")
+
+StreamHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 BACKLOG = 1024
 UNIX_PATH_MAX = 100
@@ -39,7 +44,7 @@ def parse_bind(bind: str) -> tuple[str, Any]:
 
 
 class Listener:
-    """A bound TCP or unix server feeding connections to ``handler(io)``."""
+    """A bound TCP or unix server feeding connections to ``handler(reader, writer)``."""
 
     def __init__(self, server: asyncio.AbstractServer, kind: str, address: str,
                  unix_path: str | None = None, unix_ino: tuple[int, int] | None = None) -> None:
@@ -75,9 +80,8 @@ def _tcp_address(sock: socket.socket) -> str:
     return f"{name[0]}:{name[1]}"
 
 
-async def start_tcp(host: str | None, port: int, protocol_factory: Callable[[], asyncio.Protocol]) -> Listener:
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(protocol_factory, host, port, reuse_port=True, backlog=BACKLOG)
+async def start_tcp(host: str | None, port: int, handler: StreamHandler, limit: int) -> Listener:
+    server = await asyncio.start_server(handler, host, port, limit=limit, backlog=BACKLOG)
     for s in server.sockets:
         _tune_listener(s)
     address = _tcp_address(server.sockets[0])
@@ -119,28 +123,24 @@ def _with_short_path(path: str, fn: Callable[[str], Any]) -> Any:
         os.close(dirfd)
 
 
-async def start_unix(path: str, protocol_factory: Callable[[], asyncio.Protocol]) -> Listener:
+async def start_unix(path: str, handler: StreamHandler, limit: int) -> Listener:
     path = os.path.abspath(path)
-    _unlink_stale(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = bind_socket(f"unix://{path}")
+    st = os.stat(path)  # removed on close only if the file is still ours
     try:
-        _with_short_path(path, sock.bind)
-        sock.listen(BACKLOG)
-        sock.setblocking(False)
+        server = await asyncio.start_unix_server(handler, sock=sock, limit=limit, backlog=BACKLOG)
     except BaseException:
         sock.close()
         raise
-    st = os.stat(path)
-    loop = asyncio.get_running_loop()
-    server = await loop.create_unix_server(protocol_factory, sock=sock)
     log.info("hashserv listening on unix://%s", path)
     return Listener(server, "unix", f"unix://{path}", path, (st.st_dev, st.st_ino))
 
 
 def bind_socket(bind: str) -> socket.socket:
-    """A bound, listening, non-blocking socket for ``bind`` (tcp with SO_REUSEPORT, or unix after
-    removing a stale file). For a supervisor that binds once and lets forked workers adopt it
-    with ``HashservService.listen_socket`` (a unix path cannot be bound by several processes)."""
+    """A bound, listening, non-blocking socket for ``bind`` (tcp, or unix after removing a stale
+    file). For a supervisor that binds once and lets forked workers adopt it with
+    ``HashservService.listen_socket`` (a unix path cannot be bound by several processes). A tcp
+    port some other socket listens on raises OSError(EADDRINUSE)."""
     kind, where = parse_bind(bind)
     if kind == "unix":
         path = os.path.abspath(where)
@@ -158,7 +158,6 @@ def bind_socket(bind: str) -> socket.socket:
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             _tune_listener(sock)
             sock.bind(addr)
         except BaseException:
@@ -169,47 +168,25 @@ def bind_socket(bind: str) -> socket.socket:
     return sock
 
 
-async def start_on_socket(sock: socket.socket, handler: Callable[[StreamIO], Any], max_message: int,
-                          on_open: Callable[[StreamIO], None] | None = None,
-                          on_close: Callable[[StreamIO], None] | None = None, eager: bool = False) -> Listener:
+async def start_on_socket(sock: socket.socket, handler: StreamHandler, limit: int) -> Listener:
     """Serve on an already bound and listening socket (not unlinked on close: its owner does)."""
-
-    def factory() -> StreamIO:
-        return StreamIO(handler, max_message, on_open, on_close, eager)
-
-    loop = asyncio.get_running_loop()
     sock.setblocking(False)
     if sock.family == socket.AF_UNIX:
-        server = await loop.create_unix_server(factory, sock=sock)
+        server = await asyncio.start_unix_server(handler, sock=sock, limit=limit, backlog=BACKLOG)
         name = sock.getsockname()
         return Listener(server, "unix", f"unix://{name if isinstance(name, str) else name.decode()}")
-    server = await loop.create_server(factory, sock=sock)
+    server = await asyncio.start_server(handler, sock=sock, limit=limit, backlog=BACKLOG)
     return Listener(server, "tcp", _tcp_address(sock))
 
 
-async def start_listener(bind: str, handler: Callable[[StreamIO], Any], max_message: int,
-                         on_open: Callable[[StreamIO], None] | None = None,
-                         on_close: Callable[[StreamIO], None] | None = None, eager: bool = False) -> Listener:
+async def start_listener(bind: str, handler: StreamHandler, limit: int) -> Listener:
     kind, where = parse_bind(bind)
-
-    def factory() -> StreamIO:
-        return StreamIO(handler, max_message, on_open, on_close, eager)
-
     if kind == "unix":
-        return await start_unix(where, factory)
+        return await start_unix(where, handler, limit)
     host, port = where
-    return await start_tcp(host, port, factory)
+    return await start_tcp(host, port, handler, limit)
 
 
 def websocket_response(max_message: int) -> web.WebSocketResponse:
     """The aiohttp websocket for an OEHASHEQUIV client: no heartbeats, no compression."""
     return web.WebSocketResponse(heartbeat=None, autoping=True, max_msg_size=max_message, compress=False)
-
-
-def __getattr__(name: str) -> Any:
-    # `from proxy.hashserv.listeners import HashservService` works too (lazy: no import cycle).
-    if name == "HashservService":
-        from proxy.hashserv.service import HashservService
-
-        return HashservService
-    raise AttributeError(name)

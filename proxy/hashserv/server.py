@@ -1,12 +1,15 @@
 """OEHASHEQUIV 1.1: the per-connection state machine and the message table.
 
-Semantics follow bitbake-hashserv 2.19 (see shared/research/hashserv-protocol.md); the code is
-our own. Each handler is registered with the permissions it needs (``@handler``); the table is
-built once per mode (read-write / read-only: the write handlers are simply absent, so a
-read-only server treats them as unknown commands and closes the connection, as bitbake does).
+Semantics follow bitbake-hashserv 2.19; the code is our own. Lookups and reports are the
+Reporter's (proxy.reports), shared with /v1/equivalent. Each handler is registered with the
+permissions it needs (``@handler``), checked in one place (``Connection._check``) before it
+runs; the table is built once per mode (read-write / read-only: the write handlers are simply
+absent, so a read-only server treats them as unknown commands and closes the connection, as
+bitbake does).
 
 Error model (what bitbake's client expects):
-* ``InvokeError``: reply ``{"invoke-error": {"message": ...}}``, then close the connection;
+* ``InvokeError`` (or the Reporter's ``ReportError``): reply ``{"invoke-error": {"message":
+  ...}}``, then close the connection;
 * anything else malformed (bad JSON, unknown command, missing key, wrong type, oversized
   message): close without a reply. Nothing is written before the input has been validated.
 """
@@ -34,7 +37,7 @@ from proxy.auth import (
     parse_permissions,
 )
 from proxy.hashserv.framing import ConnectionClosed, MessageIO, ProtocolError, dumps, loads
-from proxy.reports import is_valid_unihash
+from proxy.reports import ReportError, is_valid_unihash
 
 if TYPE_CHECKING:
     from proxy.hashserv import HashservService
@@ -43,7 +46,6 @@ log = logging.getLogger("sstate_proxy.hashserv")
 
 PROTO_NAME = "OEHASHEQUIV"
 MAX_HEADERS = 256
-_REPORT_ONLY = frozenset((REPORT_PERM,))
 REPORT_EXTRA_KEYS = ("owner", "PN", "PV", "PR", "task", "outhash_siginfo")
 
 
@@ -134,10 +136,6 @@ def handler(name: str, *perms: str, allow_anon: bool = True, self_service: bool 
 NO_RESPONSE = object()
 
 
-def _nothing() -> None:
-    pass
-
-
 def _get_stream_key(line: str) -> list[str]:
     """METHOD TASKHASH of a get-stream line; anything else is malformed input."""
     parts = line.split()
@@ -153,37 +151,29 @@ class Connection:
         self.service = service
         self.io = io
         self.db = service.db
+        self.reporter = service.reporter
         self.auth: Auth = service.auth
         self.identity: Identity = Identity.anonymous
         self.stats = service.stats
         self.table = service.table
-        self.upstream = None  # per-connection upstream client, opened on first need
-        # deferred database work (the write-behind commit) waits for a moment the client is busy
-        self._quiet: Callable[[], None] = getattr(self.db, "quiet_moment", None) or _nothing
 
     # --- driver --------------------------------------------------------------------------------
     async def run(self) -> None:
         io = self.io
         try:
-            if not await self._handshake():
-                return
+            await self._handshake()
             table = self.table
             while True:
                 msg = await io.recv_message()
                 if msg is None:
                     break
-                # Dispatch: the first table entry whose name is a key of the message.
+                # Dispatch: the first table entry whose name is a key of the message (bitbake's order).
                 if type(msg) is not dict:
                     raise ProtocolError("request is not an object")
-                h = None
                 if len(msg) == 1:
-                    for k in msg:
-                        h = table.get(k)
+                    h = table.get(next(iter(msg)))
                 else:
-                    for name, entry in table.items():
-                        if name in msg:
-                            h = entry
-                            break
+                    h = next((entry for name, entry in table.items() if name in msg), None)
                 if h is None:
                     raise ProtocolError("unrecognized command")
                 arg = msg[h.name]
@@ -198,15 +188,11 @@ class Connection:
                             response = await h.fn(self, arg)
                         finally:
                             self.stats.add(time.perf_counter() - t0)
-                except InvokeError as e:
+                except (InvokeError, ReportError) as e:
                     io.write_message({"invoke-error": {"message": str(e)}})
-                    await io.flush()
                     break
                 if response is not NO_RESPONSE:
-                    io.write_message(response)
-                    if not io.corks or not io.has_pending():
-                        await io.flush()
-                        self._quiet()
+                    io.write_message(response)  # sent when the next recv waits for input
         except ConnectionClosed:
             pass
         except ProtocolError as e:
@@ -215,8 +201,6 @@ class Connection:
             log.info("hashserv %s: malformed request (%s: %s); closing", io.peer, type(e).__name__, e)
         except (ConnectionError, OSError) as e:
             log.info("hashserv %s: %s", io.peer, e)
-        except asyncio.CancelledError:
-            raise
         except Exception:
             log.exception("hashserv %s: internal error; closing", io.peer)
         finally:
@@ -224,12 +208,9 @@ class Connection:
                 await io.flush()
             except Exception:  # noqa: BLE001 - peer gone
                 pass
-            io.close()
-            up, self.upstream = self.upstream, None
-            if up is not None:
-                await up.close()
+            await io.close()
 
-    async def _handshake(self) -> bool:
+    async def _handshake(self) -> None:
         io = self.io
         first = await io.recv()
         parts = first.split()
@@ -242,20 +223,16 @@ class Connection:
         if not ((1, 0) < version <= (1, 1)):
             raise ProtocolError(f"unsupported protocol version {parts[1][:40]!r}")
         headers: dict[str, str] = {}
-        while True:
-            line = await io.recv()
-            if not line:
-                break
+        while line := await io.recv():
             if ":" not in line or len(headers) >= MAX_HEADERS:
                 raise ProtocolError("bad header line")
             tag, value = line.split(":", 1)
             headers[tag.lower()] = value.strip()
         if headers.get("needs-headers", "false") == "true":
             io.write_line("")  # hashserv has no server headers: just the terminating empty line
-            await io.flush()
-        return True
 
     def _check(self, h: Handler, arg: Any) -> None:
+        """The one permission check: the handler's permissions, or self service on oneself."""
         ident = self.identity
         if h.self_service and ident.username is not None:
             if type(arg) is not dict:
@@ -271,128 +248,29 @@ class Connection:
                      ident.username or "anonymous", h.name, " ".join(h.perms))
             raise InvokeError(self.auth.denial_text(ident, h.perms))
 
-    def _changed(self) -> None:
-        cb = self.service.on_change
-        if cb is not None:
-            cb()
-
-    # --- upstream helpers ----------------------------------------------------------------------
-    def _upstream(self):
-        up = self.upstream
-        if up is None and self.service.upstream_address:
-            from proxy.upstream_hashserv import UpstreamHashserv
-
-            up = self.upstream = UpstreamHashserv(self.service.upstream_address)
-        return up
-
-    async def _upstream_call(self, name: str, *args: Any) -> Any:
-        """Call the upstream; None on any failure (a failing upstream is a miss, never a crash)."""
-        up = self._upstream()
-        if up is None or not self.service.upstream_ok():
-            return None
-        from proxy.upstream_hashserv import UpstreamError
-
-        try:
-            # in a Task of its own: the client uses asyncio.timeout, which needs one (a tcp/unix
-            # connection may be driven without a Task, see framing.StreamIO)
-            return await asyncio.ensure_future(getattr(up, name)(*args))
-        except UpstreamError as e:
-            self.service.upstream_failed(e)
-            return None
-
-    async def _store_unified(self, d: Any) -> None:
-        """Store a row the upstream sent (unihash mapping + outhash row), if it is sound."""
-        if not isinstance(d, dict):
-            return
-        method, taskhash, unihash = d.get("method"), d.get("taskhash"), d.get("unihash")
-        if type(method) is not str or type(taskhash) is not str or not is_valid_unihash(unihash):
-            log.warning("upstream returned an invalid row; not stored")
-            return
-        changed = await self.db.insert_unihash(method, taskhash, unihash)
-        if type(d.get("outhash")) is str:
-            row = {k: v for k, v in d.items()
-                   if k in ("method", "taskhash", "outhash", "created", *REPORT_EXTRA_KEYS)
-                   and isinstance(v, str)}
-            changed = await self.db.insert_outhash(row) or changed
-        if changed:
-            self._changed()
-
-    # --- lookups -------------------------------------------------------------------------------
-    async def _get(self, method: str, taskhash: str, fetch_all: bool) -> Any:
-        db = self.db
-        if fetch_all:
-            row = await db.get_unihash_full(method, taskhash)
-            if row is None and self.service.upstream_address:
-                row = await self._upstream_call("get_taskhash", method, taskhash, True)
-                await self._store_unified(row)
-            return row
-        row = await db.get_unihash(method, taskhash)
-        if row is None and self.service.upstream_address:
-            row = await self._upstream_call("get_taskhash", method, taskhash, False)
-            if isinstance(row, dict) and is_valid_unihash(row.get("unihash")):
-                if await db.insert_unihash(method, taskhash, row["unihash"]):
-                    self._changed()
-                row = {"taskhash": taskhash, "method": method, "unihash": row["unihash"]}
-            else:
-                row = None
-        return row
-
-    async def _get_outhash(self, method: str, outhash: str, taskhash: str, with_unihash: bool) -> Any:
-        row = await self.db.get_outhash(method, outhash, with_unihash)
-        if row is None and self.service.upstream_address:
-            row = await self._upstream_call("get_outhash", method, outhash, taskhash, with_unihash)
-            if not isinstance(row, dict):
-                return None
-            await self._store_unified(row)
-        return row
-
     # --- stream modes --------------------------------------------------------------------------
-    async def _stream(self, fn: Callable[[str], Awaitable[str]],
-                      now: Callable[[str], str] | None = None) -> object:
-        """Answer one line per line until END. ``now``: the same answer as a plain function,
-        given when the database answers in the event loop and no upstream may be asked: a line
-        then needs no coroutine, and on an eager stream connection it is answered right where it
-        is read (StreamIO.set_line_handler)."""
+    async def _stream(self, answer: Callable[[str], Awaitable[str]]) -> object:
+        """Answer one line per line until END or an empty line (get-stream, exists-stream,
+        gc-mark-stream, on every transport). Replies go out when the input runs dry, so a
+        pipelined batch is answered with one write; each line is one request in the stats."""
         io = self.io
-        io.write_message("ok")
-        await io.flush()
         stats = self.stats
         perf = time.perf_counter
-        corks = io.corks
-        answer_in_place = None
-        if now is not None and getattr(io, "eager", False):
-
-            def answer_in_place(line: str) -> str | None:
-                if not line or line.isspace() or line == "END":
-                    return None  # the loop below ends the stream
-                t0 = perf()
-                try:
-                    return now(line)
-                finally:
-                    stats.add(perf() - t0)
-
+        io.write_message("ok")
         while True:
-            if corks and io.has_pending():
-                line = io.pop_nowait()
-            else:
-                if answer_in_place is not None:
-                    io.set_line_handler(answer_in_place)  # type: ignore[attr-defined]
-                line = await io.recv()
+            line = await io.recv()
             if not line or line.isspace():
                 break
             t0 = perf()
-            if line == "END":
-                stats.add(perf() - t0)
-                break
             try:
-                io.write_line(now(line) if now is not None else await fn(line))
+                if line == "END":
+                    break
+                io.write_line(await answer(line))
             finally:
                 stats.add(perf() - t0)
-            if not corks:
+            if io.flush_due:
                 await io.flush()
         io.write_line("ok")
-        if not corks or not io.has_pending():
-            await io.flush()
         return NO_RESPONSE
 
     # ===== handlers ===========================================================================
@@ -405,56 +283,32 @@ class Connection:
     async def h_get(self, arg: Any) -> Any:
         method = _str(arg, "method")
         taskhash = _str(arg, "taskhash")
-        return await self._get(method, taskhash, bool(arg.get("all", False)))
+        return await self.reporter.get(method, taskhash, bool(arg.get("all", False)))
 
     @handler("get-outhash", READ_PERM)
     async def h_get_outhash(self, arg: Any) -> Any:
         method = _str(arg, "method")
         outhash = _str(arg, "outhash")
         taskhash = arg["taskhash"]
-        return await self._get_outhash(method, outhash, taskhash, bool(arg.get("with_unihash", True)))
+        return await self.reporter.get_outhash(method, outhash, taskhash, bool(arg.get("with_unihash", True)))
 
     @handler("get-stream", READ_PERM, stream=True)
     async def h_get_stream(self, arg: Any) -> Any:
-        get_unihash = self.db.get_unihash
-        upstream = bool(self.service.upstream_address)
-        service = self.service
-        unihash_now = None if upstream else getattr(self.db, "unihash_now", None)
-
-        def lookup_now(line: str) -> str:
-            return unihash_now(*_get_stream_key(line)) or ""  # type: ignore[misc]
+        unihash = self.reporter.unihash
 
         async def lookup(line: str) -> str:
-            parts = _get_stream_key(line)
-            row = await get_unihash(parts[0], parts[1])
-            if row is not None:
-                return row["unihash"]
-            if upstream:
-                u = await self._upstream_call("get_unihash", parts[0], parts[1])
-                if u and is_valid_unihash(u):
-                    service.queue_backfill(parts[0], parts[1])
-                    return u
-            return ""
+            return await unihash(*_get_stream_key(line))
 
-        return await self._stream(lookup, lookup_now if unihash_now is not None else None)
+        return await self._stream(lookup)
 
     @handler("exists-stream", READ_PERM, stream=True)
     async def h_exists_stream(self, arg: Any) -> Any:
-        exists = self.db.unihash_exists
-        upstream = bool(self.service.upstream_address)
-        exists_now = None if upstream else getattr(self.db, "unihash_exists_now", None)
-
-        def lookup_now(line: str) -> str:
-            return "true" if exists_now(line) else "false"  # type: ignore[misc]
+        exists = self.reporter.unihash_exists
 
         async def lookup(line: str) -> str:
-            if await exists(line):
-                return "true"
-            if upstream and await self._upstream_call("unihash_exists", line):
-                return "true"
-            return "false"
+            return "true" if await exists(line) else "false"
 
-        return await self._stream(lookup, lookup_now if exists_now is not None else None)
+        return await self._stream(lookup)
 
     @handler("get-stats", READ_PERM)
     async def h_get_stats(self, arg: Any) -> Any:
@@ -468,47 +322,20 @@ class Connection:
     async def h_get_db_query_columns(self, arg: Any) -> Any:
         return {"columns": await self.db.get_query_columns()}
 
-    async def _report_readonly(self, method: str, outhash: str, taskhash: str, unihash: str) -> Any:
-        info = await self._get_outhash(method, outhash, taskhash, True)
-        if info:
-            unihash = info["unihash"]
-        return {"taskhash": taskhash, "method": method, "unihash": unihash}
-
     @handler("report", READ_PERM)
     async def h_report(self, arg: Any) -> Any:
         unihash = arg.get("unihash")
         validate_unihash(unihash)
-        method = _str(arg, "method")
-        outhash = _str(arg, "outhash")
-        taskhash = _str(arg, "taskhash")
-        row: dict[str, Any] = {"method": method, "outhash": outhash, "taskhash": taskhash}
+        row: dict[str, Any] = {"method": _str(arg, "method"), "outhash": _str(arg, "outhash"),
+                               "taskhash": _str(arg, "taskhash")}
         for k in REPORT_EXTRA_KEYS:
             v = arg.get(k)
             if v is not None:
                 if not isinstance(v, str | int | float) or isinstance(v, bool):
                     raise ProtocolError(f"{k} must be a string")
                 row[k] = v
-        if not self.service.upstream_address:
-            return await self.service.reporter.report(row, unihash, self.identity)
-        if not self.auth.allowed(self.identity, _REPORT_ONLY):  # (read-only servers have no upstream)
-            return await self._report_readonly(method, outhash, taskhash, unihash)
-        if self.identity.username is not None:
-            row["owner"] = self.identity.username
-        # With an upstream: the reference's steps, asking upstream when no local equivalent.
-        db = self.db
-        await db.insert_outhash(row)
-        eq = await db.get_equivalent_for_outhash(method, outhash, taskhash)
-        if eq is not None:
-            new = eq["unihash"]
-        else:
-            new = unihash
-            up = await self._upstream_call("get_outhash", method, outhash, taskhash, True)
-            if isinstance(up, dict) and is_valid_unihash(up.get("unihash")):
-                new = up["unihash"]
-        await db.insert_unihash(method, taskhash, new)
-        self._changed()
-        stored = await self._get(method, taskhash, False)
-        return {"taskhash": taskhash, "method": method, "unihash": stored["unihash"] if stored else unihash}
+        # @report (else a lookup only) is bitbake's rule inside the report algorithm
+        return await self.reporter.report(row, unihash, self.identity)
 
     @handler("auth")
     async def h_auth(self, arg: Any) -> Any:
@@ -551,14 +378,7 @@ class Connection:
     async def h_report_equiv(self, arg: Any) -> Any:
         unihash = arg.get("unihash")
         validate_unihash(unihash)
-        method = _str(arg, "method")
-        taskhash = _str(arg, "taskhash")
-        if await self.db.insert_unihash(method, taskhash, unihash):
-            self._changed()
-        row = await self.db.get_unihash(method, taskhash)
-        if row is None:  # deleted concurrently
-            return {"taskhash": taskhash, "method": method, "unihash": unihash}
-        return {"taskhash": row["taskhash"], "method": row["method"], "unihash": row["unihash"]}
+        return await self.reporter.report_equiv(_str(arg, "method"), _str(arg, "taskhash"), unihash)
 
     @handler("reset-stats", DB_ADMIN_PERM, writes=True)
     async def h_reset_stats(self, arg: Any) -> Any:
@@ -568,7 +388,7 @@ class Connection:
 
     @handler("backfill-wait", READ_PERM, writes=True)
     async def h_backfill_wait(self, arg: Any) -> Any:
-        return {"tasks": await self.service.backfill_wait()}
+        return {"tasks": await self.reporter.backfill_wait()}
 
     @handler("remove", DB_ADMIN_PERM, writes=True)
     async def h_remove(self, arg: Any) -> Any:
@@ -577,7 +397,7 @@ class Connection:
             raise ProtocolError("where must be an object")
         count = await self.db.remove(where)
         if count:
-            self._changed()
+            self.reporter.changed()
         return {"count": count}
 
     @handler("gc-mark", DB_ADMIN_PERM, writes=True)
@@ -620,7 +440,7 @@ class Connection:
             raise InvokeError(f"'{mark}' is not the current mark. Refusing to sweep")
         count = await self.db.gc_sweep()
         if count:
-            self._changed()
+            self.reporter.changed()
         return {"count": count}
 
     @handler("gc-status", DB_ADMIN_PERM, writes=True)
@@ -639,7 +459,7 @@ class Connection:
             oldest = datetime.min.replace(tzinfo=UTC) if max_age > 0 else datetime.now(UTC)
         count = await self.db.clean_unused(oldest)
         if count:
-            self._changed()
+            self.reporter.changed()
         return {"count": count}
 
     @handler("refresh-token", USER_ADMIN_PERM, allow_anon=False, self_service=True, writes=True)
