@@ -25,6 +25,14 @@ OUTHASH_COLUMNS = (
 OUTHASH_TEXT_COLUMNS = tuple(c for c in OUTHASH_COLUMNS if c != "created")
 
 
+class DatabaseUnavailable(Exception):
+    """The database cannot be reached or is locked for too long: retry later (HTTP 503)."""
+
+
+class UnsupportedDatabase(ValueError):
+    """A database URL of an engine this version cannot use (postgresql:// until it lands)."""
+
+
 @dataclass(frozen=True, slots=True)
 class User:
     username: str
