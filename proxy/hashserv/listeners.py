@@ -158,7 +158,6 @@ def bind_socket(bind: str) -> socket.socket:
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             _tune_listener(sock)
             sock.bind(addr)
         except BaseException:
