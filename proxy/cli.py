@@ -15,9 +15,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Coroutine
 from dataclasses import replace
-from typing import Any
 
 from aiohttp import web
 
@@ -194,10 +192,6 @@ async def run_worker(cfg: Config, worker: int, sock: socket.socket,
     await runner.cleanup()  # stops accepting, lets requests in flight finish (shutdown_timeout)
 
 
-def run_in_loop(main: Coroutine[Any, Any, None]) -> None:
-    asyncio.run(main)
-
-
 def serve(cfg: Config) -> int:
     from proxy.app import setup_logging
 
@@ -220,7 +214,7 @@ def serve(cfg: Config) -> int:
     try:
         asyncio.run(prepare(cfg))
         if cfg.server.workers == 1:
-            run_in_loop(run_worker(cfg, 0, sock, hashserv_sock))
+            asyncio.run(run_worker(cfg, 0, sock, hashserv_sock))
             return 0
         return supervise(cfg, sock, hashserv_sock)
     finally:
@@ -245,7 +239,7 @@ def supervise(cfg: Config, sock: socket.socket, hashserv_sock: socket.socket | N
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             code = 0
             try:
-                run_in_loop(run_worker(cfg, worker, sock, hashserv_sock))
+                asyncio.run(run_worker(cfg, worker, sock, hashserv_sock))
             except BaseException:
                 log.exception("worker %d failed", worker)
                 code = 1

@@ -251,6 +251,11 @@ def test_bad_config_exits_2_naming_the_key(tmp_path):
         assert p.returncode == 2, text
         lines = p.stderr.strip().splitlines()
         assert len(lines) == 1 and key in lines[0], (text, p.stderr)
+    for command in (["serve"], ["stats"], ["user", "list"]):
+        p = subprocess.run([sys.executable, "-m", "proxy.cli", *command, "--database", "postgresql://db/sstate"],
+                           cwd=REPO, capture_output=True, text=True, timeout=30)
+        assert p.returncode == 2 and p.stderr.splitlines() == [
+            "sstate-proxy: bad configuration: database.url: PostgreSQL is not supported yet (use sqlite:///path)"]
     env = {**os.environ, "SSTATE_PROXY_CONFIG": str(tmp_path / "missing.toml")}
     p = subprocess.run([sys.executable, "-m", "proxy.cli", "serve"], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=30)
