@@ -21,7 +21,7 @@ from aiohttp.abc import AbstractAccessLogger
 from proxy.auth import Auth
 from proxy.config import Config
 from proxy.equiv_api import EquivalenceAPI
-from proxy.errors import error_middleware, on_response_prepare
+from proxy.errors import error_middleware, new_request_id, on_response_prepare, response_for
 from proxy.hashserv.service import HashservService
 from proxy.http_auth import USER_KEY, require
 from proxy.metrics import Metrics
@@ -259,13 +259,22 @@ def build_app(cfg: Config, *, skip_listeners: bool = False, hashserv_sock=None,
             return await services().uploads.delete(request)
         raise web.HTTPMethodNotAllowed(method, ["GET", "HEAD", "PUT", "DELETE"])
 
-    async def expect_continue(request: web.Request) -> None:
+    async def expect_continue(request: web.Request) -> web.Response | None:
         """Answer `Expect: 100-continue` only after the upload's permission and size checks, so
         curl/wget learn of a 401/403/413 before they send a large body."""
         if request.headers.get("Expect", "").lower() != "100-continue":
             raise web.HTTPExpectationFailed(text="unknown Expect value\n")
         if request.method == "PUT":
-            await require(request, services().auth, "@upload")
+            # aiohttp runs the expect handler before the middlewares: map errors here the same way
+            try:
+                await require(request, services().auth, "@upload")
+            except web.HTTPException:
+                raise
+            except Exception as e:
+                mapped = response_for(e, new_request_id())
+                if mapped is None:
+                    raise
+                return mapped
             length = request.content_length
             if length is not None and length > cfg.limits.max_upload_bytes:
                 raise web.HTTPRequestEntityTooLarge(cfg.limits.max_upload_bytes, length,
