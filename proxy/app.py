@@ -1,17 +1,16 @@
 """Builds the aiohttp Application from a Config and wires the parts together.
 
 One process = one store, one equivalence database connection, one resolver cache, one hashserv
-service; ``proxy.cli`` runs N such processes on one port.
+service, held in one ``Services`` (``app[SERVICES]``); ``proxy.cli`` runs N such processes on
+one listening socket.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
+import ipaddress
 import json
 import logging
-import os
-import re
 import sys
 import time as _time
 from time import time as time_now
@@ -22,12 +21,14 @@ from aiohttp.abc import AbstractAccessLogger
 from proxy.auth import Auth
 from proxy.config import Config
 from proxy.equiv_api import EquivalenceAPI
+from proxy.errors import error_middleware, new_request_id, on_response_prepare, response_for
 from proxy.hashserv.service import HashservService
-from proxy.http_auth import require
+from proxy.http_auth import USER_KEY, require
 from proxy.metrics import Metrics
-from proxy.mirror import Mirror
+from proxy.mirror import SENT_KEY, Mirror
 from proxy.reports import Reporter
 from proxy.resolver import Resolver
+from proxy.services import SERVICES, Services
 from proxy.uploads import Uploads
 from proxy.upstream_hashserv import UpstreamHashserv
 from storage import open_store
@@ -40,33 +41,76 @@ ACCESS_FLUSH_S = 0.05
 ACCESS_FLUSH_LINES = 512
 CONFIG = web.AppKey("config", Config)
 METRICS = web.AppKey("metrics", Metrics)
-PARTS = web.AppKey("parts", dict)
-RID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def body_bytes(request: web.BaseRequest, response: web.StreamResponse) -> int:
+    """Body bytes written to the client: what the mirror counted for an object body (sendfile
+    and streams, cut short when the client left), else the length of a plain response's body."""
+    sent = request.get(SENT_KEY)
+    if sent is not None:
+        return sent
+    status = response.status
+    if request.method == "HEAD" or status < 200 or status in (204, 304):
+        return 0
+    return response.content_length or 0
+
+
+class ClientAddress:
+    """The client's address for the log: the peer, or the first X-Forwarded-For address when
+    the peer is one of ``[server] trusted_proxies``."""
+
+    def __init__(self, trusted: tuple[str, ...]) -> None:
+        self.networks = [ipaddress.ip_network(t, strict=False) for t in trusted]
+        self._trusted: dict[str, bool] = {}
+
+    def __call__(self, request: web.BaseRequest) -> str:
+        peer = request.remote or "-"
+        if self.networks and self._is_trusted(peer):
+            forwarded = request.headers.get("X-Forwarded-For")
+            if forwarded:
+                first = forwarded.split(",", 1)[0].strip()
+                if first:
+                    return first
+        return peer
+
+    def _is_trusted(self, peer: str) -> bool:
+        known = self._trusted.get(peer)
+        if known is None:
+            try:
+                address = ipaddress.ip_address(peer)
+                known = any(address in n for n in self.networks)
+            except ValueError:  # a unix socket's peer, say
+                known = False
+            if len(self._trusted) > 4096:
+                self._trusted.clear()
+            self._trusted[peer] = known
+        return known
 
 
 class AccessLogger(AbstractAccessLogger):
-    """One line per request: time, method, path, status, bytes, source, milliseconds, request id.
+    """One line per request: time, client address, user, method, path, status, body bytes,
+    source, milliseconds, request id.
 
     Written straight to the log stream in batches (every ACCESS_FLUSH_S or ACCESS_FLUSH_LINES)
-    instead of through `logging`: a LogRecord per request halved the HEAD rate bitbake's
-    existence checks depend on. Lines go to the same stream (stderr) as the other logs.
+    instead of one `logging` record per request, which costs a large share of a HEAD's time.
+    Lines go to the same stream (stderr) as the other logs.
     """
 
     json_format = False
+    client_address = ClientAddress(())  # set from [server] trusted_proxies by configure()
     _lines: list[str] = []  # shared by every connection's logger in this process
     _flush_handle: asyncio.TimerHandle | None = None
     _stamp_second = -1
     _stamp = ""
     stream = sys.stderr
 
-    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        self.emit(request.method, request.path_qs, response.status, response.body_length,
-                  request.get("source", "-"), time, request.get("rid", "-"))
-
     @classmethod
-    def emit(cls, method: str, path_qs: str, status: int, nbytes: int, source: str, seconds: float,
-             rid: str) -> None:
-        """Queue one access line (also called by the fast path, proxy/fasthead.py)."""
+    def configure(cls, cfg: Config) -> type[AccessLogger]:
+        chosen = JsonAccessLogger if cfg.server.log_format == "json" else AccessLogger
+        AccessLogger.client_address = ClientAddress(cfg.server.trusted_proxies)
+        return chosen
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         shared = AccessLogger
         now = time_now()
         second = int(now)
@@ -74,17 +118,20 @@ class AccessLogger(AbstractAccessLogger):
             shared._stamp_second = second
             shared._stamp = _time.strftime("%Y-%m-%dT%H:%M:%S", _time.gmtime(second))
         stamp = f"{shared._stamp}.{int((now - second) * 1000):03d}Z"
-        if cls.json_format:
+        client = shared.client_address(request)
+        user = request.get(USER_KEY, "-")
+        nbytes = body_bytes(request, response)
+        source = request.get("source", "-")
+        rid = request.get("rid", "-")
+        if self.json_format:
             line = json.dumps({
-                "time": stamp, "method": method, "path": path_qs,
-                "status": status, "bytes": nbytes,
-                "source": source, "ms": round(seconds * 1000.0, 2),
-                "rid": rid,
+                "time": stamp, "client": client, "user": user, "method": request.method,
+                "path": request.path_qs, "status": response.status, "bytes": nbytes,
+                "source": source, "ms": round(time * 1000.0, 2), "rid": rid,
             })
         else:
-            line = (f"{stamp} access {method} {path_qs} {status} "
-                    f"{nbytes} {source} {seconds * 1000.0:.2f}ms "
-                    f"rid={rid}")
+            line = (f"{stamp} access {client} {user} {request.method} {request.path_qs} "
+                    f"{response.status} {nbytes} {source} {time * 1000.0:.2f}ms rid={rid}")
         shared._lines.append(line)
         if len(shared._lines) >= ACCESS_FLUSH_LINES:
             shared.flush()
@@ -93,15 +140,16 @@ class AccessLogger(AbstractAccessLogger):
 
     @classmethod
     def flush(cls) -> None:
-        if cls._flush_handle is not None:
-            cls._flush_handle.cancel()
-            cls._flush_handle = None
-        if cls._lines:
-            text = "\n".join(cls._lines) + "\n"
-            cls._lines.clear()
+        shared = AccessLogger
+        if shared._flush_handle is not None:
+            shared._flush_handle.cancel()
+            shared._flush_handle = None
+        if shared._lines:
+            text = "\n".join(shared._lines) + "\n"
+            shared._lines.clear()
             try:
-                cls.stream.write(text)
-                cls.stream.flush()
+                shared.stream.write(text)
+                shared.stream.flush()
             except (OSError, ValueError):
                 pass  # a closed log stream must not take requests down
 
@@ -114,61 +162,16 @@ class JsonAccessLogger(AccessLogger):
     json_format = True
 
 
-_rid_prefix = ""
-_rid_counter = itertools.count(1)
-
-
-def new_request_id() -> str:
-    """Unique per request across processes and restarts, and far cheaper than uuid4."""
-    global _rid_prefix
-    if not _rid_prefix:
-        _rid_prefix = f"{os.getpid():x}{int(_time.time()) & 0xFFFFFF:06x}"
-    return f"{_rid_prefix}-{next(_rid_counter):x}"
-
-
-@web.middleware
-async def request_id_middleware(request: web.Request, handler):
-    rid = request.headers.get("X-Request-Id", "")
-    if not rid or not RID_RE.fullmatch(rid):
-        rid = new_request_id()
-    request["rid"] = rid
-    try:
-        return await handler(request)
-    except Exception as e:
-        http_error = isinstance(e, web.HTTPException)
-        if getattr(request.writer, "output_size", 0):
-            # The head, and maybe part of the body, is out: an error response now would be
-            # written into the body, and with the declared Content-Length a client could take
-            # the mix for the object. Cut the connection instead: the client sees a short body
-            # (wget resumes with Range). The response returned is only for the access log:
-            # aiohttp cannot write it to the closed connection.
-            if http_error:
-                log.warning("response failed after it started rid=%s %s %s: %s", rid,
-                            request.method, request.path, e.text.strip() if e.text else e.status)
-            else:
-                log.exception("response failed after it started rid=%s %s %s", rid,
-                              request.method, request.path)
-            if request.transport is not None:
-                request.transport.abort()
-            return web.Response(status=e.status if http_error else 500)
-        if http_error:
-            raise
-        log.exception("internal error rid=%s %s %s", rid, request.method, request.path)
-        return web.Response(status=500, text=f"internal error, request id {rid}\n")
-
-
-async def _add_request_id(request: web.Request, response: web.StreamResponse) -> None:
-    rid = request.get("rid")
-    if rid:
-        response.headers["X-Request-Id"] = rid
+STARTUP_OPTIONS = web.AppKey("startup_options", dict)
 
 
 async def _startup(app: web.Application) -> None:
     cfg = app[CONFIG]
-    parts = app[PARTS]
+    options = app[STARTUP_OPTIONS]
+    metrics = app[METRICS]
     db = open_equivalence_db(cfg.database.url)
     store = open_store(cfg, db)
-    await store.start(housekeeping=parts.get("housekeeping", True))
+    await store.start(housekeeping=options["housekeeping"])
     auth = Auth(db, cfg.hashserv.anon_perms)
     resolver = Resolver(db, store, cfg.equivalence)
     upstream = None
@@ -177,25 +180,28 @@ async def _startup(app: web.Application) -> None:
     reporter = Reporter(db, auth, read_only=cfg.hashserv.read_only, upstream=upstream,
                         on_change=resolver.invalidate)
     hashserv = HashservService(db, auth, cfg, reporter)
-    if not parts.get("skip_listeners"):
-        await hashserv.start(sock=parts.get("hashserv_sock"))
-    parts.update(store=store, db=db, auth=auth, resolver=resolver, reporter=reporter, hashserv=hashserv)
-    parts["mirror"] = mirror = Mirror(store, resolver, auth, app[METRICS], cfg.server.mirror_prefix)
-    parts["uploads"] = Uploads(mirror, max_upload_bytes=cfg.limits.max_upload_bytes,
-                               read_only=cfg.hashserv.read_only)
-    parts["equiv"] = EquivalenceAPI(reporter, auth, app[METRICS], cfg.limits.max_request_body_bytes)
+    if not options["skip_listeners"]:
+        await hashserv.start(sock=options["hashserv_sock"])
+    mirror = Mirror(store, resolver, auth, metrics, cfg.server.mirror_prefix)
+    uploads = Uploads(mirror, max_upload_bytes=cfg.limits.max_upload_bytes,
+                      read_only=cfg.hashserv.read_only)
+    equiv = EquivalenceAPI(reporter, auth, metrics, cfg.limits.max_request_body_bytes)
+    app[SERVICES] = Services(store=store, db=db, auth=auth, resolver=resolver, reporter=reporter,
+                             hashserv=hashserv, mirror=mirror, uploads=uploads, equiv=equiv,
+                             metrics=metrics)
 
 
 async def _cleanup(app: web.Application) -> None:
     AccessLogger.flush()
-    parts = app[PARTS]
-    for name in ("hashserv", "reporter", "store", "db"):
-        part = parts.get(name)
-        if part is not None:
-            try:
-                await (part.stop() if name == "hashserv" else part.close())
-            except Exception:
-                log.exception("error while closing %s", name)
+    services = app.get(SERVICES)
+    if services is None:
+        return
+    for name, close in (("hashserv", services.hashserv.stop), ("reporter", services.reporter.close),
+                        ("store", services.store.close), ("db", services.db.close)):
+        try:
+            await close()
+        except Exception:
+            log.exception("error while closing %s", name)
 
 
 def build_app(cfg: Config, *, skip_listeners: bool = False, hashserv_sock=None,
@@ -205,19 +211,19 @@ def build_app(cfg: Config, *, skip_listeners: bool = False, hashserv_sock=None,
     supervisor before it forked (workers share it) instead of binding ``[hashserv] bind``;
     ``housekeeping``: this process does the store's once-per-deployment chores (one worker)."""
     app = web.Application(
-        middlewares=[request_id_middleware],
+        middlewares=[error_middleware],
         client_max_size=cfg.limits.max_request_body_bytes,
     )
     app[CONFIG] = cfg
     app[METRICS] = Metrics()
-    app[PARTS] = {"skip_listeners": skip_listeners, "hashserv_sock": hashserv_sock,
-                  "housekeeping": housekeeping}
+    app[STARTUP_OPTIONS] = {"skip_listeners": skip_listeners, "hashserv_sock": hashserv_sock,
+                            "housekeeping": housekeeping}
     app.on_startup.append(_startup)
-    app.on_response_prepare.append(_add_request_id)
+    app.on_response_prepare.append(on_response_prepare)
     app.on_cleanup.append(_cleanup)
 
-    def part(name):
-        return app[PARTS][name]
+    def services() -> Services:
+        return app[SERVICES]
 
     async def healthz(request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
@@ -225,11 +231,11 @@ def build_app(cfg: Config, *, skip_listeners: bool = False, hashserv_sock=None,
     async def readyz(request: web.Request) -> web.Response:
         problems = []
         try:
-            await part("db").generation()
+            await services().db.generation()
         except Exception as e:  # the point is to report any fault as not-ready
             problems.append(f"database: {e}")
         try:
-            await part("store").stat(".readyz-probe")
+            await services().store.stat(".readyz-probe")
         except Exception as e:
             problems.append(f"storage: {e}")
         if problems:
@@ -242,38 +248,50 @@ def build_app(cfg: Config, *, skip_listeners: bool = False, hashserv_sock=None,
     async def websocket(request: web.Request) -> web.StreamResponse:
         if not cfg.hashserv.websocket:
             raise web.HTTPNotFound(text="websocket hashserv disabled\n")
-        return await part("hashserv").handle_websocket(request)
+        return await services().hashserv.handle_websocket(request)
 
     async def objects(request: web.Request) -> web.StreamResponse:
-        if request.method == "GET" and request.headers.get("Upgrade", "").lower() == "websocket":
-            return await websocket(request)
-        if request.method in ("GET", "HEAD"):
-            return await part("mirror").get_or_head(request)
-        if request.method == "PUT":
-            return await part("uploads").put(request)
-        if request.method == "DELETE":
-            return await part("uploads").delete(request)
-        raise web.HTTPMethodNotAllowed(request.method, ["GET", "HEAD", "PUT", "DELETE"])
+        method = request.method
+        if method == "HEAD" or (method == "GET" and "Upgrade" not in request.headers):
+            return await services().mirror.get_or_head(request)
+        if method == "GET":
+            if request.headers["Upgrade"].lower() == "websocket":
+                return await websocket(request)
+            return await services().mirror.get_or_head(request)
+        if method == "PUT":
+            return await services().uploads.put(request)
+        if method == "DELETE":
+            return await services().uploads.delete(request)
+        raise web.HTTPMethodNotAllowed(method, ["GET", "HEAD", "PUT", "DELETE"])
 
-    async def expect_continue(request: web.Request) -> None:
+    async def expect_continue(request: web.Request) -> web.Response | None:
         """Answer `Expect: 100-continue` only after the upload's permission and size checks, so
         curl/wget learn of a 401/403/413 before they send a large body."""
         if request.headers.get("Expect", "").lower() != "100-continue":
             raise web.HTTPExpectationFailed(text="unknown Expect value\n")
         if request.method == "PUT":
-            await require(request, part("auth"), "@upload")
+            # aiohttp runs the expect handler before the middlewares: map errors here the same way
+            try:
+                await require(request, services().auth, "@upload")
+            except web.HTTPException:
+                raise
+            except Exception as e:
+                mapped = response_for(e, new_request_id())
+                if mapped is None:
+                    raise
+                return mapped
             length = request.content_length
             if length is not None and length > cfg.limits.max_upload_bytes:
                 raise web.HTTPRequestEntityTooLarge(cfg.limits.max_upload_bytes, length,
                                                     text="object larger than the upload limit\n")
-        if request.version >= (1, 1):
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if request.version >= (1, 1) and request.transport is not None:
+            request.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     async def equiv_get(request: web.Request) -> web.Response:
-        return await part("equiv").get(request)
+        return await services().equiv.get(request)
 
     async def equiv_post(request: web.Request) -> web.Response:
-        return await part("equiv").post(request)
+        return await services().equiv.post(request)
 
     r = app.router
     r.add_get("/healthz", healthz)
@@ -287,7 +305,7 @@ def build_app(cfg: Config, *, skip_listeners: bool = False, hashserv_sock=None,
 
 
 def access_logger_class(cfg: Config) -> type[AbstractAccessLogger]:
-    return JsonAccessLogger if cfg.server.log_format == "json" else AccessLogger
+    return AccessLogger.configure(cfg)
 
 
 class JsonFormatter(logging.Formatter):

@@ -15,13 +15,10 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Coroutine
 from dataclasses import replace
-from typing import Any
 
 from aiohttp import web
 
-from proxy import allocator, busypoll
 from proxy import config as config_mod
 from proxy.config import Config, ConfigError
 
@@ -34,7 +31,7 @@ log = logging.getLogger("sstate_proxy")
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="TOML config file (default: $SSTATE_PROXY_CONFIG)")
     p.add_argument("--storage", metavar="PATH|s3://BUCKET/PREFIX", help="object store")
-    p.add_argument("--database", metavar="URL", help="sqlite:///path or postgresql://...")
+    p.add_argument("--database", metavar="URL", help="sqlite:///path")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,9 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run the service")
     _add_config_args(s)
     s.add_argument("--bind", metavar="HOST:PORT", help="HTTP listen address (default 127.0.0.1:8080)")
-    s.add_argument("--workers", type=int, metavar="N", help="processes sharing the port")
-    s.add_argument("--busy-poll-us", type=int, metavar="US",
-                   help="poll up to US microseconds before a busy worker sleeps (default 200; 0 = off)")
+    s.add_argument("--workers", type=int, metavar="N", help="processes serving the one listening socket")
     s.add_argument("--hashserv-bind", metavar="HOST:PORT|unix:///PATH", help="raw hashserv listener")
     s.add_argument("--anon-perms", metavar="PERMS", help="anonymous permissions, comma or space separated")
     s.add_argument("--read-only", action="store_true", default=None, help="refuse every write")
@@ -95,8 +90,6 @@ def load_config(args: argparse.Namespace) -> Config:
         overrides["server.bind"] = args.bind
     if getattr(args, "workers", None) is not None:
         overrides["server.workers"] = args.workers
-    if getattr(args, "busy_poll_us", None) is not None:
-        overrides["server.busy_poll_us"] = args.busy_poll_us
     if getattr(args, "hashserv_bind", None) is not None:
         overrides["hashserv.bind"] = args.hashserv_bind
     if getattr(args, "anon_perms", None) is not None:
@@ -128,19 +121,49 @@ async def prepare(cfg: Config) -> None:
         await db.close()
 
 
-def reserve_port(host: str, port: int) -> socket.socket:
-    """Bind (not listen) a SO_REUSEPORT socket: resolves port 0 and keeps the port ours while the
-    workers bind their own listening sockets to it."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+BACKLOG = 1024
+
+
+class CannotListen(Exception):
+    """A listening socket could not be made; str() is the one line the CLI prints."""
+
+
+def listen_http(host: str, port: int) -> socket.socket:
+    """The one HTTP listening socket, bound here (before any worker starts) and shared by every
+    worker. No SO_REUSEPORT: a port in use, by anything, is an error rather than a second group
+    of processes splitting its traffic. (SO_REUSEADDR only lets a restart bind over connections
+    of the previous instance that are still in TIME_WAIT.)"""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, _, _, _, addr = infos[0]
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(BACKLOG)
+    except OSError as e:
+        sock.close()
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        raise CannotListen(f"cannot listen on {where} (HTTP): {_reason(e)}") from None
+    sock.setblocking(False)
     return sock
 
 
-async def run_worker(cfg: Config, worker: int, hashserv_sock: socket.socket | None = None) -> None:
-    from proxy import fasthead
+def listen_hashserv(bind: str) -> socket.socket:
+    from proxy.hashserv.listeners import bind_socket
+
+    try:
+        return bind_socket(bind)
+    except OSError as e:
+        raise CannotListen(f"cannot listen on {bind} (hashserv): {_reason(e)}") from None
+
+
+def _reason(e: OSError) -> str:
+    text = e.strerror or str(e)
+    return text[:1].lower() + text[1:]
+
+
+async def run_worker(cfg: Config, worker: int, sock: socket.socket,
+                     hashserv_sock: socket.socket | None = None) -> None:
     from proxy.app import access_logger_class, build_app
 
     app = build_app(cfg, hashserv_sock=hashserv_sock, housekeeping=worker == 0)
@@ -150,19 +173,15 @@ async def run_worker(cfg: Config, worker: int, hashserv_sock: socket.socket | No
         shutdown_timeout=10.0,
     )
     await runner.setup()
-    host, port = config_mod.split_bind("server.bind", cfg.server.bind)
     ssl_ctx = None
     if cfg.server.tls_cert:
         import ssl
 
         ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ssl_ctx.load_cert_chain(cfg.server.tls_cert, cfg.server.tls_key)
-    # plain HEADs (and GETs of local files) are answered by proxy/fasthead.py, the rest by aiohttp
-    site = fasthead.site(runner, access_logger_class(cfg), host, port, reuse_port=True,
-                         ssl_context=ssl_ctx, backlog=1024)
+    site = web.SockSite(runner, sock, ssl_context=ssl_ctx, backlog=BACKLOG)
     await site.start()
-    scheme = "https" if ssl_ctx else "http"
-    log.info("worker %d serving %s://%s:%d (storage %s, database %s)", worker, scheme, host, port,
+    log.info("worker %d serving %s (storage %s, database %s)", worker, site.name,
              cfg.storage.backend, cfg.database.url.split("@")[-1])
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -170,39 +189,36 @@ async def run_worker(cfg: Config, worker: int, hashserv_sock: socket.socket | No
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("worker %d stopping", worker)
-    await runner.cleanup()  # the fast path's site lets its requests in flight finish first
-
-
-def run_in_loop(cfg: Config, main: Coroutine[Any, Any, None]) -> None:
-    """Runs a worker on an event loop that busy-polls as ``server.busy_poll_us`` says."""
-    with asyncio.Runner(loop_factory=busypoll.loop_factory(cfg.server.busy_poll_us)) as runner:
-        runner.run(main)
+    await runner.cleanup()  # stops accepting, lets requests in flight finish (shutdown_timeout)
 
 
 def serve(cfg: Config) -> int:
     from proxy.app import setup_logging
-    from proxy.hashserv.listeners import bind_socket
 
     setup_logging(cfg)
-    allocator.keep_read_buffers_on_the_heap()  # inherited by forked workers
-    asyncio.run(prepare(cfg))
     host, port = config_mod.split_bind("server.bind", cfg.server.bind)
-    reserved = reserve_port(host, port)
-    port = reserved.getsockname()[1]
+    hashserv_sock = None
+    try:
+        sock = listen_http(host, port)
+        # The raw hashserv listener too is bound once, here, and shared by every worker (a unix
+        # path cannot be bound by several processes; a tcp port 0 must be the same port for all).
+        hashserv_sock = listen_hashserv(cfg.hashserv.bind) if cfg.hashserv.bind else None
+    except CannotListen as e:
+        print(f"sstate-proxy: {e}", file=sys.stderr)
+        return 2
+    port = sock.getsockname()[1]
     cfg = replace(cfg, server=replace(cfg.server, bind=f"[{host}]:{port}" if ":" in host else f"{host}:{port}"))
-    # The raw hashserv listener is bound once, here, and shared by every worker (a unix path
-    # cannot be bound by several processes; a tcp port 0 must be the same port for all).
-    hashserv_sock = bind_socket(cfg.hashserv.bind) if cfg.hashserv.bind else None
     unix_path = None
     if hashserv_sock is not None and hashserv_sock.family == socket.AF_UNIX:
         unix_path = hashserv_sock.getsockname()
     try:
+        asyncio.run(prepare(cfg))
         if cfg.server.workers == 1:
-            run_in_loop(cfg, run_worker(cfg, 0, hashserv_sock))
+            asyncio.run(run_worker(cfg, 0, sock, hashserv_sock))
             return 0
-        return supervise(cfg, reserved, hashserv_sock)
+        return supervise(cfg, sock, hashserv_sock)
     finally:
-        reserved.close()
+        sock.close()
         if hashserv_sock is not None:
             hashserv_sock.close()
             if unix_path:
@@ -210,21 +226,20 @@ def serve(cfg: Config) -> int:
                     os.unlink(unix_path)
 
 
-def supervise(cfg: Config, reserved: socket.socket, hashserv_sock: socket.socket | None) -> int:
-    """Fork ``workers`` processes that share the port; restart one that dies; on SIGTERM/SIGINT
-    stop them all and wait for them."""
+def supervise(cfg: Config, sock: socket.socket, hashserv_sock: socket.socket | None) -> int:
+    """Fork ``workers`` processes that serve the listening socket(s) bound before; restart one
+    that dies; on SIGTERM/SIGINT stop them all and wait for them."""
     children: dict[int, int] = {}
     stopping = False
 
     def spawn(worker: int) -> None:
         pid = os.fork()
         if pid == 0:
-            reserved.close()
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             code = 0
             try:
-                run_in_loop(cfg, run_worker(cfg, worker, hashserv_sock))
+                asyncio.run(run_worker(cfg, worker, sock, hashserv_sock))
             except BaseException:
                 log.exception("worker %d failed", worker)
                 code = 1
@@ -320,10 +335,7 @@ async def stats_command(cfg: Config) -> int:
 
     db = open_equivalence_db(cfg.database.url, read_only=True)
     try:
-        out = {"database": await db.get_usage()}
-        dedup = getattr(db, "dedup_stats", None)
-        if dedup is not None:
-            out["dedup"] = await dedup()
+        out = {"database": await db.get_usage(), "dedup": await db.dedup_stats()}
     finally:
         await db.close()
     print(json.dumps(out, indent=2, sort_keys=True))

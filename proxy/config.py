@@ -7,12 +7,14 @@ prints that one line and exits 2.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from proxy.auth import parse_anon_perms
+from storage.s3 import S3Config  # each backend owns its config type
 
 
 class ConfigError(ValueError):
@@ -29,24 +31,8 @@ class ServerConfig:
     access_log: bool = True
     tls_cert: str = ""
     tls_key: str = ""
-    busy_poll_us: int = 200  # adaptive busy polling before a worker sleeps (proxy/busypoll.py); 0 = off
-
-
-@dataclass(frozen=True)
-class S3Config:
-    bucket: str = ""
-    prefix: str = ""
-    region: str = ""
-    endpoint_url: str = ""
-    redirect_get: bool = False
-    presign_ttl_s: int = 300
-    max_connections: int = 32
-    timeout_s: float = 10.0
-    index: bool = True
-    index_refresh_s: int = 300
-    # Trust a complete index for misses too (no S3 HEAD per miss): only when this service is
-    # the bucket's only writer.
-    only_writer: bool = False
+    # Peers (addresses or networks) whose X-Forwarded-For names the client in the access log.
+    trusted_proxies: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -60,7 +46,6 @@ class StorageConfig:
 @dataclass(frozen=True)
 class DatabaseConfig:
     url: str = "sqlite:///./sstate-proxy.db"
-    commit_interval_ms: int = 5  # SQLite write-behind for reports; 0 = commit before answering
 
 
 @dataclass(frozen=True)
@@ -166,8 +151,11 @@ def validate(cfg: Config) -> Config:
     if s.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"server.log_level: must be DEBUG, INFO, WARNING or ERROR, not {s.log_level!r}")
     split_bind("server.bind", s.bind)
-    if not 0 <= s.busy_poll_us <= 10_000:
-        raise ConfigError(f"server.busy_poll_us: must be between 0 and 10000, not {s.busy_poll_us}")
+    for proxy in s.trusted_proxies:
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except ValueError:
+            raise ConfigError(f"server.trusted_proxies: not an address or network: {proxy!r}") from None
     if not s.mirror_prefix.startswith("/") or not s.mirror_prefix.endswith("/"):
         raise ConfigError(f"server.mirror_prefix: must start and end with '/', not {s.mirror_prefix!r}")
     if bool(s.tls_cert) != bool(s.tls_key):
@@ -184,12 +172,10 @@ def validate(cfg: Config) -> Config:
             raise ConfigError("storage.s3.max_connections: must be at least 1")
         if st.s3.timeout_s <= 0:
             raise ConfigError("storage.s3.timeout_s: must be positive")
-    if not cfg.database.url.startswith(("sqlite:///", "postgresql://", "postgres://")):
-        raise ConfigError(
-            f"database.url: must be sqlite:///path or postgresql://..., not {cfg.database.url!r}"
-        )
-    if not 0 <= cfg.database.commit_interval_ms <= 1000:
-        raise ConfigError("database.commit_interval_ms: must be between 0 and 1000")
+    if cfg.database.url.startswith(("postgresql:", "postgres:")):
+        raise ConfigError("database.url: PostgreSQL is not supported yet (use sqlite:///path)")
+    if not cfg.database.url.startswith("sqlite:///"):
+        raise ConfigError(f"database.url: must be sqlite:///path, not {cfg.database.url!r}")
     if cfg.equivalence.class_limit < 0:
         raise ConfigError("equivalence.class_limit: must be >= 0")
     if cfg.equivalence.negative_ttl_s < 0 or cfg.equivalence.negative_ttl_s > 5:

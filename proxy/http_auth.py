@@ -18,6 +18,7 @@ from proxy.auth import Auth, Identity
 
 CHALLENGE = {"WWW-Authenticate": 'Basic realm="sstate-proxy"'}
 IDENTITY_KEY = "identity"
+USER_KEY = "user"
 
 
 def _unauthorized(reason: str) -> web.HTTPUnauthorized:
@@ -30,6 +31,8 @@ async def identify(request: web.Request, auth: Auth) -> Identity:
     if cached is not None:
         return cached
     ident = request[IDENTITY_KEY] = await identify_headers(request.headers, auth)
+    if ident.username is not None:
+        request[USER_KEY] = ident.username  # for the access log
     return ident
 
 

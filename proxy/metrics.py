@@ -9,10 +9,7 @@ from __future__ import annotations
 import os
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-
-from proxy import busypoll
 
 SOURCES = ("hit", "equivalent", "upstream", "miss")
 
@@ -28,7 +25,7 @@ class Metrics:
             ["method", "source", "pid"], registry=self.registry,
         )
         self.bytes_sent = Counter(
-            "sstate_proxy_object_bytes_sent", "Object bytes sent (GET bodies)", ["pid"],
+            "sstate_proxy_object_bytes_sent", "Object body bytes written to clients (the access log's byte counts of object GETs)", ["pid"],
             registry=self.registry,
         )
         self.uploads = Counter(
@@ -47,7 +44,6 @@ class Metrics:
         # plain counters for the hot path; Prometheus counters are children cached here
         self._obj_children: dict[tuple[str, str], Counter] = {}
         self._bytes_sent = self.bytes_sent.labels(pid)
-        self.registry.register(_BusyPollCollector(pid))
 
     def object_request(self, method: str, source: str) -> None:
         child = self._obj_children.get((method, source))
@@ -67,32 +63,3 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
-
-
-class _BusyPollCollector:
-    """The event loop's busy-polling counters (proxy/busypoll.py), read when scraped: the loop
-    counts in plain attributes, as a Prometheus counter per poll would cost more than a poll."""
-
-    def __init__(self, pid: str) -> None:
-        self._pid = pid
-
-    def describe(self) -> list:
-        return []  # unchecked collector: names may appear only once the loop polls
-
-    def collect(self):
-        stats = busypoll.current_stats()
-        if stats is None:
-            return
-        polls = CounterMetricFamily(
-            "sstate_proxy_busy_polls", "Times a worker polled before sleeping, by outcome "
-            "(hit: work arrived while polling, so no sleep and wake-up; yielded: stopped because "
-            "another task wanted the CPU)", labels=["outcome", "pid"])
-        polls.add_metric(["hit", self._pid], stats.hits)
-        polls.add_metric(["yielded", self._pid], stats.preempted)
-        polls.add_metric(["miss", self._pid], stats.polls - stats.hits - stats.preempted)
-        yield polls
-        seconds = CounterMetricFamily(
-            "sstate_proxy_busy_poll_seconds", "CPU time workers spent polling before sleeping",
-            labels=["pid"])
-        seconds.add_metric([self._pid], stats.seconds)
-        yield seconds

@@ -19,13 +19,13 @@ from proxy import names
 from proxy.http_auth import require
 from proxy.metrics import Metrics
 from proxy.resolver import Resolution, Resolver
-from storage import Body, ByteStream, LocalFile, Meta, ObjectStore, RedirectURL, StoreUnavailable
+from storage import Body, ByteStream, LocalFile, Meta, ObjectStore, RedirectURL
 
 log = logging.getLogger("sstate_proxy.mirror")
 
 SOURCE_HEADER = "X-Sstate-Source"
 SERVED_HASH_HEADER = "X-Sstate-Served-Hash"
-RETRY_AFTER_S = "5"
+SENT_KEY = "sent"  # request key: body bytes of an object written to the client (access log)
 NO_BODY = frozenset((304, 412, 416))  # finished answers of plan(): headers only
 
 
@@ -108,13 +108,6 @@ def not_found() -> web.HTTPNotFound:
     return web.HTTPNotFound(text="no such object\n")
 
 
-def unavailable(key: str, e: Exception) -> web.HTTPServiceUnavailable:
-    log.warning("store unavailable for %s: %s", key, e)
-    return web.HTTPServiceUnavailable(
-        text="storage unavailable, retry later\n", headers={"Retry-After": RETRY_AFTER_S}
-    )
-
-
 def preconditions(h: Mapping[str, str], meta: Meta, etag: str) -> int | None:
     """304/412 per RFC 9110 section 13, or None to go on."""
     if (im := h.get("If-Match")) is not None and not _etag_matches(im, etag, weak=False):
@@ -187,19 +180,23 @@ class Mirror:
     async def get_or_head(self, request: web.Request) -> web.StreamResponse:
         await require(request, self.auth, "@read")
         key, name = self.key_of(request)
-        try:
-            return await self._get_or_head(request, key, name)
-        except StoreUnavailable as e:
-            # A failure mid-body cannot become a 503 any more: request_id_middleware aborts the
-            # connection instead, which wget notices (Content-Length) and resumes with Range.
-            raise unavailable(key, e) from None
+        method = request.method
+        res, headers, status, start, length = await self.answer(method, request.headers, key, name)
+        if res is None:
+            request["source"] = "miss"
+            raise not_found()
+        request["source"] = res.source
+        if status in NO_BODY or method == "HEAD":
+            # A Response goes out in one write; aiohttp keeps our Content-Length for HEAD.
+            return web.Response(status=status, headers=headers)
+        return await self._get(request, res, web.StreamResponse(status=status, headers=headers),
+                               start, length)
 
     async def answer(self, method: str, h: Mapping[str, str], key: str, name: names.SstateName | None
                      ) -> tuple[Resolution | None, dict, int, int, int]:
         """What GET/HEAD of ``key`` answers, given the request headers ``h`` (any mapping with
         case-insensitive ``get``): (resolution, response headers, status, start, length).
-        Resolution None is a miss (404); a status in NO_BODY is a finished 304/412/416.
-        Shared by the aiohttp handler and the fast path (proxy/fasthead.py)."""
+        Resolution None is a miss (404); a status in NO_BODY is a finished 304/412/416."""
         res = await self.resolver.resolve(key, name)
         if res is None:
             self.metrics.object_request(method, "miss")
@@ -214,23 +211,7 @@ class Mirror:
             headers["Content-Length"] = str(length)
         return res, headers, status, start, length
 
-    async def _get_or_head(self, request: web.Request, key: str, name: names.SstateName | None):
-        method = request.method
-        res, headers, status, start, length = await self.answer(method, request.headers, key, name)
-        if res is None:
-            request["source"] = "miss"
-            raise not_found()
-        request["source"] = res.source
-        if status in NO_BODY:
-            return web.Response(status=status, headers=headers)
-        resp = web.StreamResponse(status=status, headers=headers)
-        if method == "HEAD":
-            await resp.prepare(request)  # aiohttp sends no body for HEAD
-            await resp.write_eof()
-            return resp
-        return await self._get(request, res, resp, start, length)
-
-    # -- a GET's body (shared with the fast path, proxy/fasthead.py) ------------------------
+    # -- a GET's body ------------------------------------------------------------------------
 
     async def open_body(self, res: Resolution, start: int, length: int, h: Mapping[str, str]) -> Body:
         """The store's body of [start, start+length) of ``res`` for a GET with request headers
@@ -254,6 +235,11 @@ class Mirror:
         self.resolver.invalidate()
         raise not_found()
 
+    def _count(self, request: web.Request, sent: int) -> None:
+        """Body bytes written to the client: the access log and the bytes counter say the same."""
+        request[SENT_KEY] = sent
+        self.metrics.sent(sent)
+
     # -- responses -------------------------------------------------------------------------
 
     async def _get(self, request: web.Request, res: Resolution, resp: web.StreamResponse,
@@ -264,54 +250,58 @@ class Mirror:
             del headers["Content-Type"], headers["Content-Length"]
             return web.Response(status=307, headers={**headers, "Location": body.url})
         if isinstance(body, LocalFile):
-            return await self._sendfile(request, body.path, resp, start, length)
+            return await self._send_file(request, body.path, resp, start, length)
         assert isinstance(body, ByteStream)
-        await resp.prepare(request)
         sent = 0
         try:
+            await resp.prepare(request)
             async for chunk in body.chunks:
                 await resp.write(chunk)
                 sent += len(chunk)
+            await resp.write_eof()
         finally:
-            aclose = getattr(body.chunks, "aclose", None)
+            self._count(request, sent)
+            aclose = getattr(body.chunks, "aclose", None)  # an async generator's, if it is one
             if aclose is not None:
                 await aclose()
-            self.metrics.sent(sent)
-        await resp.write_eof()
         return resp
 
-    async def _sendfile(
+    async def _send_file(
         self, request: web.Request, path: str, resp: web.StreamResponse, start: int, length: int
     ) -> web.StreamResponse:
-        """Send [start, start+length) of a local file with sendfile(2) (plain read over TLS)."""
+        """Send [start, start+length) of a local file: the head through aiohttp, the body with
+        asyncio's ``loop.sendfile`` on the request's transport (as aiohttp's own FileResponse
+        does), or plain reads where the loop or the transport (TLS) has no sendfile.
+
+        Not FileResponse itself: it answers with its own ETag (from the file's stat, so a local
+        and an S3 store would disagree), serves ``.gz``/``.br`` siblings of the path, and gives
+        416 to a multi-range request; here one ``plan()`` decides for every backend."""
         fobj = self.open_file(path)
+        sent = 0
         try:
             await resp.prepare(request)
             transport = request.transport
             if transport is None:
                 raise ConnectionResetError("connection lost")
-            loop = asyncio.get_running_loop()
-            try:
-                if transport.get_extra_info("sslcontext") is None:
-                    # (loop.sendfile refuses a count of 0: an empty object has no body to send)
-                    if length and await loop.sendfile(transport, fobj, start, length) != length:
+            if length and transport.get_extra_info("sslcontext") is None:
+                try:
+                    await asyncio.get_running_loop().sendfile(transport, fobj, start, length)
+                except NotImplementedError:  # uvloop, say
+                    pass
+                finally:
+                    # asyncio moves the file position past what it sent, even on error
+                    sent = max(0, fobj.tell() - start)
+            if sent < length:  # no sendfile here, or the file ended early
+                fobj.seek(start + sent)
+                loop = asyncio.get_running_loop()
+                while sent < length:
+                    chunk = await loop.run_in_executor(None, fobj.read, min(length - sent, 1 << 20))
+                    if not chunk:
                         raise ConnectionResetError("file shrank during transfer")
-                else:
-                    fobj.seek(start)
-                    left = length
-                    while left > 0:
-                        chunk = await loop.run_in_executor(None, fobj.read, min(left, 1 << 20))
-                        if not chunk:
-                            raise ConnectionResetError("file shrank during transfer")
-                        await resp.write(chunk)
-                        left -= len(chunk)
-            except BaseException:
-                # The head is out: no other answer can follow it on this connection. Closing it
-                # shows the client a short body (wget resumes with Range).
-                transport.close()
-                raise
+                    await resp.write(chunk)
+                    sent += len(chunk)
             await resp.write_eof()
-            self.metrics.sent(length)
             return resp
         finally:
+            self._count(request, sent)
             fobj.close()

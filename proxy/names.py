@@ -10,7 +10,7 @@ Pure functions, no I/O; they run on every request.
 * ``SstateName.with_hash(h)`` is the rewrite primitive: same name, other hash, hh/ dirs
   recomputed.
 
-Names understood (see shared/research/sstate-client.md, section a)::
+Names understood (as OE-core's sstate.bbclass writes them, release by release)::
 
     sstate-PN-ARCH-VENDOR-OS-PV-PR-PKGARCH-VER-<hash>_<task>.tgz           <= 1.2, flat, '-'
     [EXTRA/]hh/sstate-...-<hash>_<task>.tgz                                 1.3 .. 1.5
@@ -30,12 +30,7 @@ directory (``a8/d7/<hash d7a8...>``: swapped/stale hash dirs, not ``EXTRA=a8/`` 
 Flat names (no directory at all) exist only in the dash form.  Lock/temp files (``.lock``,
 ``.tmp``, ``.done``, NamedTemporaryFile suffixes) never match, so they are not objects.
 
-Timing (CPython 3.11, ``timeit``, best of 7 x 200k calls, measured on a shared 2-CPU box under
-load ~6, so an idle machine is faster): ``parse()`` of a current ``[universal/]hh/hh/sstate:...
-.tar.zst[.siginfo]`` key 1.9-2.7 us, of a lock file 1.1 us, of a non-sstate key 0.2 us;
-``safe_key()`` of a %3A-encoded current path 2.0 us (fast path for %3A/%2B; other escapes go
-through urllib's unquote, ~4-7 us), unencoded 1.3 us; ``safe_key`` + ``parse`` 4.5 us;
-``with_hash(h).key`` 1.6 us.
+parse() and safe_key() run on every object request, so they are kept cheap.
 """
 
 from __future__ import annotations
@@ -228,7 +223,7 @@ class SstateName:
 
 
 # parse() builds an SstateName per request; the generated frozen __init__ (object.__setattr__
-# per field) costs ~3x more than setting the slots directly.
+# per field) costs several times more than setting the slots directly.
 _new_object = object.__new__
 (_set_dirpath, _set_layout, _set_stem, _set_hash, _set_task, _set_ext, _set_companion) = (
     getattr(SstateName, f).__set__ for f in ("dirpath", "layout", "stem", "hash", "task", "ext", "companion")

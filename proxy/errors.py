@@ -1,0 +1,103 @@
+"""The one place where exceptions become HTTP responses.
+
+Handlers and the parts below them raise: aiohttp's ``web.HTTPException`` for answers they chose
+(404, 401, ...), the storage and report exceptions for what went wrong. ``error_middleware``
+turns the latter into responses with a fixed status per exception class, gives every request an
+id (``X-Request-Id``, taken from the client when it is sane) and logs real faults with it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import re
+import time
+
+from aiohttp import web
+
+from proxy.reports import ReportError
+from storage import DigestMismatch, InvalidKey, StoreError, StoreUnavailable, TooLarge
+from storage.equivalence import DatabaseUnavailable
+
+log = logging.getLogger("sstate_proxy")
+
+RETRY_AFTER_S = "5"
+RID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+# (exception class, status, text prefix, retry later?) - the first match wins, so subclasses
+# come before their bases (StoreUnavailable before StoreError).
+MAPPING: tuple[tuple[type[Exception], int, str, bool], ...] = (
+    (StoreUnavailable, 503, "storage unavailable, retry later", True),
+    (DatabaseUnavailable, 503, "database unavailable, retry later", True),
+    (InvalidKey, 400, "bad key", False),
+    (DigestMismatch, 400, "upload refused", False),
+    (TooLarge, 413, "too large", False),
+    (ReportError, 400, "bad report", False),
+    (StoreError, 500, "storage error", False),
+)
+
+_rid_prefix = ""
+_rid_counter = itertools.count(1)
+
+
+def new_request_id() -> str:
+    """Unique per request across processes and restarts, and far cheaper than uuid4."""
+    global _rid_prefix
+    if not _rid_prefix:
+        _rid_prefix = f"{os.getpid():x}{int(time.time()) & 0xFFFFFF:06x}"
+    return f"{_rid_prefix}-{next(_rid_counter):x}"
+
+
+def response_for(e: Exception, rid: str) -> web.Response | None:
+    """The answer for a mapped exception, or None if ``e`` is not one of ours."""
+    for cls, status, prefix, retry in MAPPING:
+        if isinstance(e, cls):
+            headers = {"Retry-After": RETRY_AFTER_S} if retry else None
+            if status >= 500:
+                return web.Response(status=status, headers=headers,
+                                    text=f"{prefix} (request id {rid})\n")
+            return web.Response(status=status, headers=headers, text=f"{prefix}: {e}\n")
+    return None
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
+    rid = request.headers.get("X-Request-Id", "")
+    if not rid or not RID_RE.fullmatch(rid):
+        rid = new_request_id()
+    request["rid"] = rid
+    try:
+        return await handler(request)
+    except Exception as e:
+        if request.get("started"):
+            # The head (and maybe part of the body) is out: another response now would be
+            # written into the body, and with the declared Content-Length a client could take
+            # the mix for the object. Cut the connection: the client sees a short body (wget
+            # resumes with Range). The response returned is only for the access log; aiohttp
+            # cannot write it to the closed connection.
+            quiet = isinstance(e, (ConnectionError, web.HTTPException, StoreError))
+            log.warning("response failed after it started rid=%s %s %s: %s", rid, request.method,
+                        request.path, e, exc_info=not quiet)
+            if request.transport is not None:
+                request.transport.abort()
+            status = e.status if isinstance(e, web.HTTPException) else 500
+            return web.Response(status=status)
+        if isinstance(e, web.HTTPException):
+            raise  # an answer a handler chose
+        mapped = response_for(e, rid)
+        if mapped is None:
+            log.exception("internal error rid=%s %s %s", rid, request.method, request.path)
+            return web.Response(status=500, text=f"internal error, request id {rid}\n")
+        if mapped.status >= 500:
+            log.warning("rid=%s %s %s: %s", rid, request.method, request.path, e)
+        return mapped
+
+
+async def on_response_prepare(request: web.Request, response: web.StreamResponse) -> None:
+    """aiohttp's signal, sent just before a response head goes out: from here on an exception
+    cannot become an answer of its own (see error_middleware)."""
+    request["started"] = True
+    rid = request.get("rid")
+    if rid:
+        response.headers["X-Request-Id"] = rid

@@ -1,0 +1,35 @@
+"""The parts one worker process runs, built once at start-up and shared by every handler."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from proxy.auth import Auth
+from proxy.equiv_api import EquivalenceAPI
+from proxy.hashserv.service import HashservService
+from proxy.metrics import Metrics
+from proxy.mirror import Mirror
+from proxy.reports import Reporter
+from proxy.resolver import Resolver
+from proxy.uploads import Uploads
+from storage import ObjectStore
+from storage.equivalence import EquivalenceDB
+
+
+@dataclass
+class Services:
+    store: ObjectStore
+    db: EquivalenceDB
+    auth: Auth
+    resolver: Resolver
+    reporter: Reporter
+    hashserv: HashservService
+    mirror: Mirror
+    uploads: Uploads
+    equiv: EquivalenceAPI
+    metrics: Metrics
+
+
+SERVICES = web.AppKey("services", Services)
