@@ -298,7 +298,11 @@ def prefill(path: Path, rows: int, python: str, bitbake: Path) -> None:
     create = ("import asyncio, sys; sys.path.insert(0, sys.argv[1]); import hashserv.sqlite as s\n"
               "asyncio.run(s.DatabaseEngine(sys.argv[2], True).create())")
     subprocess.run([python, "-c", create, str(bitbake / "lib"), str(path)], check=True)
-    conn = sqlite3.connect(path)
+    conn = sqlite3.connect(path, isolation_level=None)
+    # a throw-away build: no rollback journal, no fsync, the indexes' pages held in memory
+    conn.execute("PRAGMA journal_mode = OFF")
+    conn.execute("PRAGMA synchronous = OFF")
+    conn.execute("PRAGMA cache_size = -1000000")
     created = "2026-01-01T00:00:00+00:00"
 
     def unihash_rows():
@@ -315,12 +319,13 @@ def prefill(path: Path, rows: int, python: str, bitbake: Path) -> None:
                 out = h("prefill-out", i)
             yield PREFILL_METHOD, h("prefill-task", i), out, created, None, "pn", "1.0", "r0", "do_x", None
 
-    with conn:
-        conn.executemany("INSERT INTO unihashes_v3 (method, taskhash, unihash, gc_mark) VALUES (?, ?, ?, ?)",
-                         unihash_rows())
-        conn.executemany("INSERT INTO outhashes_v2 (method, taskhash, outhash, created, owner, PN, PV, PR, task, "
-                         "outhash_siginfo) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", outhash_rows())
-    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.execute("BEGIN")
+    conn.executemany("INSERT INTO unihashes_v3 (method, taskhash, unihash, gc_mark) VALUES (?, ?, ?, ?)",
+                     unihash_rows())
+    conn.executemany("INSERT INTO outhashes_v2 (method, taskhash, outhash, created, owner, PN, PV, PR, task, "
+                     "outhash_siginfo) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", outhash_rows())
+    conn.execute("COMMIT")
+    conn.execute("PRAGMA journal_mode = WAL")  # what both servers run with
     conn.close()
 
 
