@@ -69,8 +69,9 @@ FAILURES: list[str] = []
 
 
 def tail_errors(logf: Path, n: int = 8) -> str:
-    """The last lines of ``logf`` that are not access-log lines."""
-    lines = [line.rstrip() for line in open(logf, errors="replace") if "sstate_proxy.access" not in line]
+    """The last lines of ``logf`` that are not access-log lines (those name an HTTP method)."""
+    lines = [line.rstrip() for line in open(logf, errors="replace")
+             if not re.search(r" (GET|HEAD|PUT|DELETE|POST) /", line)]
     return "\n".join(lines[-n:])
 
 
@@ -469,8 +470,8 @@ def main(argv: list[str] | None = None) -> int:
                     for _r in range(a.repeat):
                         measure(f"nginx GET {mb}", wrk_get, ngb + url_path(key), mb << 20, a.duration)
                         measure(f"proxy GET {mb}", wrk_get, base + url_path(key), mb << 20, a.duration)
-                lines = sum(1 for line in open(px_log, errors="replace") if "sstate_proxy.access" in line)
-                log(f"proxy access log: {lines} lines")
+                lines = sum(1 for line in open(px_log, errors="replace") if re.search(r" (GET|HEAD) /", line))
+                log(f"proxy access log: {lines} GET/HEAD lines")
             finally:
                 for p in (ng, px, nl):
                     stop(p)
