@@ -441,6 +441,8 @@ def main(argv: list[str] | None = None) -> int:
                 if template is not None:
                     shutil.copyfile(template, db)
                 servers[label] = start_server(label, work, ref_python if side == "ref" else a.python, bitbake, db)
+        if template is not None:
+            template.unlink()  # every server has its copy
         for s in servers.values():
             wait_ready(s, a.python, bitbake, timeout=600 if a.prefill else 30)
             print(f"  {s.label}: {s.addr} (pid {s.proc.pid})", flush=True)
