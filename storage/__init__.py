@@ -154,8 +154,9 @@ class ObjectStore(Protocol):
 def open_store(config, db: EquivalenceDB | None = None) -> ObjectStore:
     """Build the store the config names; nothing outside this function knows the backend.
 
-    With ``[storage] dedup`` and a database, the backend is wrapped in a DedupStore (equal
-    archives stored once, see storage.dedup); otherwise it is returned as it is.
+    With a database, the backend is wrapped in a DedupStore (equal archives stored once, see
+    storage.dedup; with ``[storage] dedup = false`` new objects are not deduplicated, but
+    names stored as aliases earlier keep being served); without one it is returned as it is.
     """
     backend = config.storage.backend
     store: ObjectStore
@@ -169,8 +170,8 @@ def open_store(config, db: EquivalenceDB | None = None) -> ObjectStore:
         store = S3Store(config.storage.s3, confirm_misses=not config.storage.s3.only_writer)
     else:
         raise ValueError(f"unknown storage backend {backend!r}")
-    if config.storage.dedup and db is not None:
+    if db is not None:
         from storage.dedup import DedupStore
 
-        return DedupStore(store, db)
+        return DedupStore(store, db, record=config.storage.dedup)
     return store

@@ -35,9 +35,13 @@ log = logging.getLogger("sstate_proxy.dedup")
 class DedupStore:
     """An ObjectStore that stores equal archives once (see the module docstring)."""
 
-    def __init__(self, inner: ObjectStore, db: EquivalenceDB) -> None:
+    def __init__(self, inner: ObjectStore, db: EquivalenceDB, *, record: bool = True) -> None:
+        """``record``: dedup new archives (``[storage] dedup``). Off, new objects are stored as
+        they are, but aliases recorded earlier are still served and deletes still promote, so
+        turning dedup off never makes a stored name disappear."""
         self.inner = inner
         self.db = db
+        self.record = record
         # archive identities: decompression + sha256, CPU-bound
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=max(1, min(4, (os.cpu_count() or 2) // 2)), thread_name_prefix="archive-identity")
@@ -90,7 +94,7 @@ class DedupStore:
         if existing is not None:
             return existing
         result = await self.inner.put(key, chunks, size=size, md5=md5, sha256=sha256, max_size=max_size)
-        if not result.created or archive_format(key) is None:
+        if not self.record or not result.created or archive_format(key) is None:
             return result
         try:
             canonical = await self._settle(key, await self._identity_of_stored(key), result.meta.size)
@@ -105,7 +109,7 @@ class DedupStore:
         existing = await self._existing(key)
         if existing is not None:
             return existing
-        identity = await self._identity_of_path(path, key)
+        identity = await self._identity_of_path(path, key) if self.record else None
         if identity is None:
             return await self.inner.put_file(key, path, link=link)
         size = os.stat(path).st_size

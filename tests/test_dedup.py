@@ -96,18 +96,31 @@ async def test_put_file_dedups_before_writing(pair, tmp_path: Path):
     assert not (await store.put_file(key(2), str(files[1]))).created
 
 
-async def test_open_store_wraps_only_with_dedup_and_a_database(tmp_path: Path):
+async def test_dedup_off_stores_new_archives_as_they_are_and_still_serves_old_aliases(tmp_path: Path):
     from types import SimpleNamespace
 
     from storage import open_store
 
     db = SqliteEquivalenceDB(str(tmp_path / "db"))
+    a, b, c = (make_archive(FILES, mtime=m) for m in (100, 200, 300))
+
+    def cfg(dedup: bool):
+        return SimpleNamespace(storage=SimpleNamespace(backend="local", path=str(tmp_path / "root"), dedup=dedup))
+
     try:
-        for dedup, with_db, wrapped in ((True, True, True), (True, False, False), (False, True, False)):
-            cfg = SimpleNamespace(storage=SimpleNamespace(backend="local", path=str(tmp_path / "root"), dedup=dedup))
-            store = open_store(cfg, db if with_db else None)
-            assert isinstance(store, DedupStore) is wrapped
-            assert isinstance(store, ObjectStore)
-            await store.close()
+        on = open_store(cfg(True), db)
+        await on.start()
+        await on.put(key(1), feed(a), size=len(a))
+        assert (await on.put(key(2), feed(b), size=len(b))).shared_with == key(1)
+        await on.close()
+        off = open_store(cfg(False), db)
+        await off.start()
+        assert await get(off, key(2)) == a  # recorded earlier: still served
+        r3 = await off.put(key(3), feed(c), size=len(c))
+        assert r3.created and r3.shared_with is None
+        assert await get(off, key(3)) == c  # its own bytes
+        await off.close()
+        plain = open_store(cfg(True), None)  # no database: the bare backend
+        assert not isinstance(plain, DedupStore) and isinstance(plain, ObjectStore)
     finally:
         await db.close()
