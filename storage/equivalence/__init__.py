@@ -13,11 +13,25 @@ parts. Writes are answered after their commit.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
 Row = dict[str, Any]
+
+# The tables `iter_rows`/`copy_in` move between engines (`sstate-proxy db copy`), with the
+# columns each row carries (never the engine's own `id`/rowid: the destination numbers rows
+# itself, in the order they are copied in, which is the source's order).
+COPY_COLUMNS: dict[str, tuple[str, ...]] = {
+    "users": ("username", "token", "permissions"),
+    "config": ("name", "value"),
+    "outhashes_v2": (
+        "method", "taskhash", "outhash", "created", "owner", "PN", "PV", "PR", "task", "outhash_siginfo",
+    ),
+    "unihashes_v3": ("method", "taskhash", "unihash", "gc_mark"),
+    "sstate_proxy_archives": ("key", "identity", "size", "canonical", "created"),
+}
 
 # Columns that `remove`, `gc-mark` and `get-db-query-columns` may name, per table.
 UNIHASH_COLUMNS = ("method", "taskhash", "unihash", "gc_mark")
@@ -128,6 +142,23 @@ class EquivalenceDB(Protocol):
 
     async def close(self) -> None:
         """Finish the queued writes and release the connections."""
+
+    # --- bulk copy between engines (`sstate-proxy db copy`) -----------------------------------
+    def iter_rows(self, table: str, batch: int = 2000) -> AsyncIterator[list[Row]]:
+        """Every row of ``table`` (a key of COPY_COLUMNS), in lists of at most ``batch`` rows, in
+        insertion order (``id``/rowid ascending). Each row has exactly the COPY_COLUMNS keys;
+        values are str, int or None as stored (``created`` of outhashes_v2 as ISO 8601 text:
+        the stored string for SQLite; an engine with a timestamp type gives UTC with ``+00:00``).
+        A table that does not exist (a read-only bitbake file without sstate-proxy's own table)
+        yields nothing. ValueError for any other table name."""
+
+    async def copy_in(self, table: str, rows: list[Row]) -> int:
+        """Insert ``rows`` (as ``iter_rows`` yields them) into ``table`` in one transaction,
+        first writer wins: a row whose unique key (username; name; method+taskhash+outhash;
+        method+taskhash; key) is already stored is skipped, never overwritten (so a rerun
+        copies nothing, and a user or gc mark already in the destination is kept). Every
+        column is written as given (token hashes, ``gc_mark``, ``created``, ``owner``...).
+        Returns the number of rows inserted."""
 
     # --- archive identity (storage dedup; sstate-proxy's own table, NOT hash equivalence) ------
     # Rows live in ``sstate_proxy_archives`` (storage.dedup is their only user); they never

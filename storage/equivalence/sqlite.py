@@ -53,11 +53,12 @@ import logging
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from storage.equivalence import (
+    COPY_COLUMNS,
     OUTHASH_COLUMNS,
     OUTHASH_TEXT_COLUMNS,
     UNIHASH_COLUMNS,
@@ -760,6 +761,61 @@ class SqliteEquivalenceDB:
             "COALESCE(SUM(CASE WHEN canonical != key THEN size ELSE 0 END), 0) FROM sstate_proxy_archives")
         assert r is not None
         return {"objects": r[0], "unique": r[1], "bytes_saved": r[2]}
+
+    # --- bulk copy (`sstate-proxy db copy`) ----------------------------------------------------
+    async def iter_rows(self, table: str, batch: int = 2000) -> AsyncIterator[list[Row]]:
+        """Every row of ``table`` in rowid order, ``batch`` rows at a time, read from one
+        snapshot (a read transaction on a connection of its own, in a thread)."""
+        columns = COPY_COLUMNS.get(table)
+        if columns is None:
+            raise ValueError(f"no such table to copy: {table!r}")
+        if batch <= 0:
+            raise ValueError("batch must be positive")
+        select = f"SELECT rowid, {', '.join(columns)} FROM {table} WHERE rowid > ? ORDER BY rowid LIMIT ?"
+        conn = await asyncio.to_thread(_connect, self.path, read_only=True, busy_timeout_s=self.busy_timeout_s)
+        try:
+            exists = await asyncio.to_thread(
+                self._fetch, conn, "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,))
+            if not exists:
+                return
+            await asyncio.to_thread(conn.execute, "BEGIN")  # one snapshot for the whole table
+            last = -(2 ** 63)
+            while True:
+                rows = await asyncio.to_thread(self._fetch, conn, select, (last, batch))
+                if not rows:
+                    break
+                last = rows[-1][0]
+                yield [dict(zip(columns, r[1:], strict=True)) for r in rows]
+                if len(rows) < batch:
+                    break
+        finally:
+            await asyncio.to_thread(conn.close)
+
+    @staticmethod
+    def _fetch(conn: sqlite3.Connection, sql: str, params: Any) -> list[tuple]:
+        return conn.execute(sql, params).fetchall()
+
+    async def copy_in(self, table: str, rows: list[Row]) -> int:
+        """INSERT OR IGNORE every row (one writer job: one transaction); rows inserted."""
+        columns = COPY_COLUMNS.get(table)
+        if columns is None:
+            raise ValueError(f"no such table to copy: {table!r}")
+        if not rows:
+            return 0
+        values = []
+        for row in rows:
+            out = []
+            for col in columns:
+                v = row.get(col)
+                if isinstance(v, datetime):
+                    v = utc_iso(v)
+                elif v is not None:
+                    _check_value(col, v)
+                out.append(v)
+            values.append(out)
+        sql = (f"INSERT OR IGNORE INTO {table} ({', '.join(columns)}) "
+               f"VALUES ({', '.join('?' * len(columns))})")
+        return await self._write(lambda c: c.executemany(sql, values).rowcount)
 
     async def close(self) -> None:
         """Finish the queued writes, stop the writer, close the connections."""
