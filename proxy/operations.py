@@ -14,10 +14,12 @@ COMMANDS: dict[str, Callable] = {}
 
 def add_parsers(sub: argparse._SubParsersAction, add_config_args: Callable) -> None:
     """Register the operation sub-commands."""
-    from proxy import importer
+    from proxy import dbcopy, importer
 
     importer.add_parser(sub, add_config_args)
     COMMANDS["import"] = importer.command
+    dbcopy.add_parser(sub, add_config_args)
+    COMMANDS["db"] = dbcopy.command
 
 
 def run(command: str, cfg, args: argparse.Namespace) -> int:
