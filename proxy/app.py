@@ -163,6 +163,8 @@ class JsonAccessLogger(AccessLogger):
 
 
 STARTUP_OPTIONS = web.AppKey("startup_options", dict)
+# /readyz waits at most this long for each backend (they are probed at once).
+READY_TIMEOUT_S = 1.5
 
 
 async def _startup(app: web.Application) -> None:
@@ -228,18 +230,36 @@ def build_app(cfg: Config, *, skip_listeners: bool = False, hashserv_sock=None,
     async def healthz(request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
 
+    ready_probes: dict[str, asyncio.Future] = {}
+
     async def readyz(request: web.Request) -> web.Response:
-        problems = []
-        try:
-            await services().db.generation()
-        except Exception as e:  # the point is to report any fault as not-ready
-            problems.append(f"database: {e}")
-        try:
-            await services().store.stat(".readyz-probe")
-        except Exception as e:
-            problems.append(f"storage: {e}")
+        """200 when the database and the store both answer a real round trip now, else 503 with
+        one line saying which does not (and why). Both probes run at once, each bounded by
+        READY_TIMEOUT_S, so the answer comes within about that long even when a backend hangs.
+        /healthz is about this process only; /readyz is what a load balancer should check."""
+        svc = services()
+
+        async def probe(what: str, check) -> str | None:
+            # Concurrent /readyz requests share one probe per backend, so a hung backend holds
+            # one S3 thread or database connection, not one per load-balancer poll.
+            running = ready_probes.get(what)
+            if running is None or running.done():
+                running = ready_probes[what] = asyncio.ensure_future(check())
+                running.add_done_callback(lambda f: f.cancelled() or f.exception())
+            try:
+                await asyncio.wait_for(asyncio.shield(running), READY_TIMEOUT_S)
+            except TimeoutError:
+                return f"{what}: no answer within {READY_TIMEOUT_S:g}s"
+            except Exception as e:  # the point is to report any fault as not-ready
+                text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                return f"{what}: {text}"
+            return None
+
+        problems = [p for p in await asyncio.gather(
+            probe("database", svc.db.get_current_gc_mark), probe("storage", svc.store.check)) if p]
         if problems:
-            return web.Response(status=503, text="\n".join(problems) + "\n")
+            return web.Response(status=503, text="not ready: " + "; ".join(problems) + "\n",
+                                headers={"Retry-After": "1"})
         return web.Response(text="ready\n")
 
     async def metrics(request: web.Request) -> web.Response:

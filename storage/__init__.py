@@ -147,6 +147,10 @@ class ObjectStore(Protocol):
     def keys(self, prefix: str = "") -> AsyncIterator[str]:
         """Every key under ``prefix`` (no temp files), in no particular order."""
 
+    async def check(self) -> None:
+        """Raise StoreUnavailable unless the backend answers now (for /readyz): one real round
+        trip, never answered from a cache (local: the root directory; S3: HeadBucket)."""
+
     async def close(self) -> None:
         """Release connections, executors, background tasks."""
 

@@ -151,6 +151,9 @@ class DedupStore:
     async def start(self, *, housekeeping: bool = True) -> None:
         await self.inner.start(housekeeping=housekeeping)
 
+    async def check(self) -> None:
+        await self.inner.check()
+
     async def close(self) -> None:
         await self.inner.close()
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -40,6 +40,7 @@ from storage import (
     Meta,
     PutResult,
     StoreError,
+    StoreUnavailable,
     TooLarge,
     file_chunks,
 )
@@ -188,6 +189,18 @@ class LocalStore:
         except Exception:
             log.exception("local store: temp cleanup failed")
             return 0
+
+    async def check(self) -> None:
+        """The root is a directory we can list and write (stat + access, in a thread)."""
+
+        def probe() -> None:
+            if not os.path.isdir(self._root) or not os.access(self._root, os.R_OK | os.W_OK | os.X_OK):
+                raise OSError(errno.EACCES, "not an accessible directory", self._root)
+
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._pool, probe)
+        except (OSError, RuntimeError) as e:
+            raise StoreUnavailable(f"local store {self._root}: {e}") from e
 
     async def close(self) -> None:
         if self._closed:

@@ -743,6 +743,13 @@ class S3Store:
         self._forget(key)
         return True
 
+    async def check(self) -> None:
+        """HeadBucket: one request to S3, not cached."""
+        try:
+            await self._call(self._s3.head_bucket, Bucket=self._bucket)
+        except ClientError as e:
+            raise StoreUnavailable(f"S3 bucket {self._bucket!r}: {_code(e)[0] or _code(e)[1]}") from e
+
     async def close(self) -> None:
         if self._closed:
             return
