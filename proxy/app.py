@@ -171,7 +171,7 @@ async def _startup(app: web.Application) -> None:
     cfg = app[CONFIG]
     options = app[STARTUP_OPTIONS]
     metrics = app[METRICS]
-    db = open_equivalence_db(cfg.database.url)
+    db = open_equivalence_db(cfg.database.url, pool_size=cfg.database.pool_size)
     store = open_store(cfg, db)
     await store.start(housekeeping=options["housekeeping"])
     auth = Auth(db, cfg.hashserv.anon_perms)

@@ -46,6 +46,7 @@ class StorageConfig:
 @dataclass(frozen=True)
 class DatabaseConfig:
     url: str = "sqlite:///./sstate-proxy.db"
+    pool_size: int = 10  # PostgreSQL: connections per worker process
 
 
 @dataclass(frozen=True)
@@ -172,10 +173,17 @@ def validate(cfg: Config) -> Config:
             raise ConfigError("storage.s3.max_connections: must be at least 1")
         if st.s3.timeout_s <= 0:
             raise ConfigError("storage.s3.timeout_s: must be positive")
-    if cfg.database.url.startswith(("postgresql:", "postgres:")):
-        raise ConfigError("database.url: PostgreSQL is not supported yet (use sqlite:///path)")
-    if not cfg.database.url.startswith("sqlite:///"):
-        raise ConfigError(f"database.url: must be sqlite:///path, not {cfg.database.url!r}")
+    if cfg.database.url.startswith(("postgresql:", "postgres:", "postgresql+", "postgres+")):
+        from storage.equivalence.postgres import parse_url
+
+        try:
+            parse_url(cfg.database.url)
+        except ValueError as exc:
+            raise ConfigError(f"database.url: {exc}") from None
+    elif not cfg.database.url.startswith("sqlite:///"):
+        raise ConfigError(f"database.url: must be sqlite:///path or postgresql://..., not {cfg.database.url!r}")
+    if cfg.database.pool_size < 1:
+        raise ConfigError("database.pool_size: must be at least 1")
     if cfg.equivalence.class_limit < 0:
         raise ConfigError("equivalence.class_limit: must be >= 0")
     if cfg.equivalence.negative_ttl_s < 0 or cfg.equivalence.negative_ttl_s > 5:

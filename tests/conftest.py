@@ -19,3 +19,7 @@ def service_factory(tmp_path):
     yield make
     for svc in started:
         svc.stop()
+
+
+# The throwaway PostgreSQL cluster (session) and a fresh database per test (tests/pg.py).
+from tests.pg import pg_cluster, pg_url  # noqa: E402, F401

@@ -237,7 +237,8 @@ def test_bad_config_exits_2_naming_the_key(tmp_path):
         "[server]\nworkers = 0\n": "server.workers",
         "[storage]\nbackend = 'ftp'\n": "storage.backend",
         "[database]\nurl = 'mysql://x'\n": "database.url",
-        "[database]\nurl = 'postgresql://db/sstate'\n": "database.url: PostgreSQL is not supported yet",
+        "[database]\nurl = 'postgresql://db:port/sstate'\n": "database.url: bad PostgreSQL url",
+        "[database]\npool_size = 0\n": "database.pool_size",
         "[server]\nbusy_poll_us = 200\n": "server.busy_poll_us: unknown key",
         "[server]\ntrusted_proxies = ['10.0.0.0/33']\n": "server.trusted_proxies",
         "[hashserv]\nanon_perms = ['@root']\n": "hashserv.anon_perms",
@@ -252,10 +253,11 @@ def test_bad_config_exits_2_naming_the_key(tmp_path):
         lines = p.stderr.strip().splitlines()
         assert len(lines) == 1 and key in lines[0], (text, p.stderr)
     for command in (["serve"], ["stats"], ["user", "list"]):
-        p = subprocess.run([sys.executable, "-m", "proxy.cli", *command, "--database", "postgresql://db/sstate"],
+        p = subprocess.run([sys.executable, "-m", "proxy.cli", *command, "--database", "postgresql://u:pw@db:x/sstate"],
                            cwd=REPO, capture_output=True, text=True, timeout=30)
         assert p.returncode == 2 and p.stderr.splitlines() == [
-            "sstate-proxy: bad configuration: database.url: PostgreSQL is not supported yet (use sqlite:///path)"]
+            "sstate-proxy: bad configuration: database.url: bad PostgreSQL url "
+            "'postgresql://u:***@db:x/sstate': bad port 'x'"]
     env = {**os.environ, "SSTATE_PROXY_CONFIG": str(tmp_path / "missing.toml")}
     p = subprocess.run([sys.executable, "-m", "proxy.cli", "serve"], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=30)

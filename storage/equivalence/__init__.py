@@ -7,7 +7,7 @@ as bitbake-hashserv sends them.
 
 Schema and semantics are bitbake-hashserv 2.19's (its sqlite engine), so that an existing
 bitbake-hashserv SQLite file opens as it is. Every method is async and required: an engine
-(SQLite today, PostgreSQL next) implements all of them, and callers never probe for optional
+(sqlite.py, postgres.py) implements all of them, and callers never probe for optional
 parts. Writes are answered after their commit.
 """
 
@@ -186,14 +186,23 @@ class EquivalenceDB(Protocol):
         the aliases (not stored)}."""
 
 
-def open_equivalence_db(url: str, *, read_only: bool = False) -> EquivalenceDB:
-    """The database a URL names: ``sqlite:///relative.db`` or ``sqlite:////abs.db``.
+def open_equivalence_db(url: str, *, read_only: bool = False, pool_size: int | None = None) -> EquivalenceDB:
+    """The database a URL names.
 
-    Raises UnsupportedDatabase for ``postgresql://`` (not in this version) and other schemes,
-    ValueError for a malformed sqlite URL.
+    * ``sqlite:///relative.db`` or ``sqlite:////abs.db``: the embedded engine (one file).
+    * ``postgresql://[user[:password]@]host[:port]/dbname`` (also ``postgres://``, and bitbake's
+      SQLAlchemy spelling ``postgresql+asyncpg://``): the PostgreSQL engine. Without a password
+      in the URL, ``PGPASSWORD`` or the password file (``PGPASSFILE``, ``~/.pgpass``) is used.
+      ``pool_size`` bounds its connections (per process); None = the engine's default.
+
+    Raises UnsupportedDatabase for other schemes, ValueError for a malformed URL. Opening does
+    not connect: the PostgreSQL engine connects (and migrates) on first use.
     """
-    if url.startswith(("postgresql://", "postgres://", "postgresql+")):
-        raise UnsupportedDatabase("PostgreSQL is not supported yet: use sqlite:///path")
+    if url.startswith(("postgresql://", "postgres://", "postgresql+", "postgres+")):
+        from storage.equivalence.postgres import DEFAULT_POOL_SIZE, PostgresEquivalenceDB
+
+        return PostgresEquivalenceDB(url, read_only=read_only,
+                                     pool_size=DEFAULT_POOL_SIZE if pool_size is None else pool_size)
     if url.startswith("sqlite://"):
         from storage.equivalence.sqlite import SqliteEquivalenceDB
 
@@ -204,4 +213,4 @@ def open_equivalence_db(url: str, *, read_only: bool = False) -> EquivalenceDB:
         if not path:
             raise ValueError("sqlite url names no file")
         return SqliteEquivalenceDB(path, read_only=read_only)
-    raise UnsupportedDatabase(f"unsupported database url {url!r}: use sqlite:///path")
+    raise UnsupportedDatabase(f"unsupported database url {url!r}: use sqlite:///path or postgresql://...")

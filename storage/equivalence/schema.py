@@ -16,6 +16,7 @@ class Column:
     name: str
     type: str  # the SQL type as bitbake declares it (TEXT, INTEGER, DATETIME)
     flags: str = ""  # "NOT NULL", "PRIMARY KEY AUTOINCREMENT", ...
+    pg_flags: str | None = None  # PostgreSQL flags where bitbake's SQLAlchemy engine differs
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +65,8 @@ USERS = Table("users", (
     _ID,
     Column("username", "TEXT", "NOT NULL"),
     Column("token", "TEXT", "NOT NULL"),
-    Column("permissions", "TEXT", "NOT NULL"),  # space-separated
+    # space-separated; nullable in bitbake's SQLAlchemy (PostgreSQL) schema
+    Column("permissions", "TEXT", "NOT NULL", pg_flags=""),
 ), unique=("username",))
 
 CONFIG = Table("config", (
@@ -84,6 +86,16 @@ ARCHIVES = Table("sstate_proxy_archives", (
 ))
 
 TABLES = (UNIHASHES, OUTHASHES, USERS, CONFIG, ARCHIVES)
+
+# sstate-proxy's schema versions (storage.equivalence.migrations): one row per applied migration.
+MIGRATIONS = Table("sstate_proxy_migrations", (
+    Column("version", "INTEGER", "PRIMARY KEY"),
+    Column("name", "TEXT"),
+    Column("applied", "TEXT"),
+))
+
+# Tables that are sstate-proxy's own (not hash equivalence): left out of `get_usage`.
+OWN_TABLES = (ARCHIVES.name, MIGRATIONS.name)
 
 INDEXES = (
     Index("taskhash_lookup_v4", "unihashes_v3", ("method", "taskhash")),
@@ -109,3 +121,38 @@ def create_table(table: Table) -> str:
 
 def create_index(index: Index) -> str:
     return f"CREATE INDEX IF NOT EXISTS {index.name} ON {index.table} ({', '.join(index.columns)})"
+
+
+# --- PostgreSQL: the same declarations, typed as bitbake-hashserv's SQLAlchemy engine creates them
+# (`\d` of a database made by `bitbake-hashserv --database postgresql+asyncpg://...`).
+_PG_TYPES = {
+    "TEXT": "text",
+    "DATETIME": "timestamp without time zone",
+    "INTEGER": "bigint",  # SQLite's INTEGER is 64-bit (object sizes); serial ids are handled apart
+}
+
+
+def pg_ident(name: str) -> str:
+    """A column or table name as PostgreSQL needs it: mixed case ("PN") must be double-quoted."""
+    return name if name == name.lower() else '"' + name.replace('"', '""') + '"'
+
+
+def pg_create_table(table: Table) -> str:
+    parts = []
+    for c in table.columns:
+        if c.flags == "PRIMARY KEY AUTOINCREMENT":
+            parts.append(f"{pg_ident(c.name)} serial PRIMARY KEY")
+            continue
+        if table is MIGRATIONS and c.name == "version":
+            parts.append("version integer PRIMARY KEY")
+            continue
+        flags = c.flags if c.pg_flags is None else c.pg_flags
+        parts.append(" ".join(p for p in (pg_ident(c.name), _PG_TYPES[c.type], flags) if p))
+    if table.unique:
+        parts.append(f"UNIQUE ({', '.join(pg_ident(c) for c in table.unique)})")
+    return f"CREATE TABLE IF NOT EXISTS {table.name} ({', '.join(parts)})"
+
+
+def pg_create_index(index: Index) -> str:
+    return (f"CREATE INDEX IF NOT EXISTS {index.name} ON {index.table} "
+            f"({', '.join(pg_ident(c) for c in index.columns)})")

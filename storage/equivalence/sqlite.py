@@ -65,6 +65,7 @@ from storage.equivalence import (
     DatabaseUnavailable,
     Row,
     User,
+    migrations,
     schema,
 )
 
@@ -205,32 +206,6 @@ def _connect(path: str, *, read_only: bool, busy_timeout_s: float) -> sqlite3.Co
         conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = NORMAL")
     return conn
-
-
-def _migrate(conn: sqlite3.Connection) -> None:
-    """bitbake's open-time migration: create what is missing, lift unihashes_v2 to v3."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        for table in schema.TABLES:
-            conn.execute(schema.create_table(table))
-        for name in schema.OBSOLETE_INDEXES:
-            conn.execute(f"DROP INDEX IF EXISTS {name}")
-        for index in schema.INDEXES:
-            conn.execute(schema.create_index(index))
-        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        if "unihashes_v2" in tables:
-            log.info("upgrading unihashes_v2 -> unihashes_v3")
-            conn.execute(
-                "INSERT OR IGNORE INTO unihashes_v3 (id, method, taskhash, unihash, gc_mark) "
-                "SELECT id, method, taskhash, unihash, '' FROM unihashes_v2"
-            )
-            conn.execute("DROP TABLE unihashes_v2")
-        if "tasks_v2" in tables:
-            log.warning("the database still holds the pre-2021 table tasks_v2; it is ignored (not dropped)")
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
 
 
 _Job = tuple[Callable[[sqlite3.Connection], Any], concurrent.futures.Future]
@@ -377,7 +352,7 @@ class SqliteEquivalenceDB:
         if not read_only:
             conn = _connect(path, read_only=False, busy_timeout_s=busy_timeout_s)
             try:
-                _migrate(conn)
+                migrations.migrate_sqlite(conn)
             except sqlite3.OperationalError as exc:
                 conn.close()
                 if _is_busy(exc):
@@ -658,8 +633,8 @@ class SqliteEquivalenceDB:
         def count(c: sqlite3.Connection) -> dict[str, dict[str, int]]:
             names = [r[0] for r in c.execute(
                 "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' "
-                "AND name != ? ORDER BY name", (schema.ARCHIVES.name,)  # dedup's table: not hash equivalence
-            )]
+                "ORDER BY name")
+                if r[0] not in schema.OWN_TABLES]  # sstate-proxy's own tables: not hash equivalence
             usage = {}
             for name in names:
                 quoted = '"' + name.replace('"', '""') + '"'
