@@ -52,13 +52,14 @@ import asyncio
 import contextlib
 import logging
 import urllib.parse
-from collections.abc import Awaitable, Callable, Iterable
-from datetime import datetime
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import asyncpg
 
 from storage.equivalence import (
+    COPY_COLUMNS,
     OUTHASH_COLUMNS,
     OUTHASH_TEXT_COLUMNS,
     UNIHASH_COLUMNS,
@@ -727,6 +728,72 @@ class PostgresEquivalenceDB:
         if r is None:
             return {"objects": 0, "unique": 0, "bytes_saved": 0}
         return {"objects": int(r[0]), "unique": int(r[1]), "bytes_saved": int(r[2])}
+
+    # --- bulk copy (`sstate-proxy db copy`) ----------------------------------------------------
+    async def iter_rows(self, table: str, batch: int = 2000) -> AsyncIterator[list[Row]]:
+        """Every row of ``table`` in insertion order (``id``; the dedup table by created, key),
+        ``batch`` rows at a time, through a cursor in one read-only REPEATABLE READ transaction
+        (one snapshot). ``created`` of outhashes_v2 comes as UTC ISO text (``+00:00``)."""
+        columns = COPY_COLUMNS.get(table)
+        if columns is None:
+            raise ValueError(f"no such table to copy: {table!r}")
+        if batch <= 0:
+            raise ValueError("batch must be positive")
+        order = "created, key" if table == "sstate_proxy_archives" else "id"
+        sql = f"SELECT {', '.join(pg_ident(c) for c in columns)} FROM {table} ORDER BY {order}"
+        pool = await self._get_pool()
+        try:
+            async with pool.acquire(timeout=CONNECT_TIMEOUT_S) as conn:
+                exists = await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", table)
+                if not exists:
+                    return
+                async with conn.transaction(isolation="repeatable_read", readonly=True):
+                    cursor = await conn.cursor(sql)
+                    while True:
+                        records = await cursor.fetch(batch, timeout=BULK_TIMEOUT_S)
+                        if not records:
+                            break
+                        rows = []
+                        for record in records:
+                            row = dict(zip(columns, record, strict=True))
+                            created = row.get("created")
+                            if isinstance(created, datetime):  # naive local time, as bitbake writes
+                                row["created"] = created.astimezone(UTC).isoformat()
+                            rows.append(row)
+                        yield rows
+        except Exception as exc:
+            if _is_unavailable(exc):
+                raise _unavailable(exc) from exc
+            raise
+
+    async def copy_in(self, table: str, rows: list[Row]) -> int:
+        """One ``INSERT ... SELECT FROM unnest(...) ON CONFLICT DO NOTHING`` (first writer wins),
+        in the rows' order; rows inserted."""
+        columns = COPY_COLUMNS.get(table)
+        if columns is None:
+            raise ValueError(f"no such table to copy: {table!r}")
+        if not rows:
+            return 0
+        types, arrays = [], []
+        for col in columns:
+            values: list[Any] = [row.get(col) for row in rows]
+            if col == "created" and table == "outhashes_v2":
+                types.append("timestamp")
+                values = [None if v is None else to_created(v) for v in values]
+            elif col == "size":
+                types.append("bigint")
+                values = [None if v is None else int(v) for v in values]
+            else:
+                types.append("text")
+                values = [None if v is None else _text(col, v) for v in values]
+            arrays.append(values)
+        names = ", ".join(pg_ident(c) for c in columns)
+        unnest = ", ".join(f"${i}::{t}[]" for i, t in enumerate(types, 1))
+        sql = (f"INSERT INTO {table} ({names}) SELECT {names} FROM unnest({unnest}) "
+               f"WITH ORDINALITY AS r({names}, ord) ORDER BY ord ON CONFLICT DO NOTHING")
+        n = _count(await self._run(lambda c: c.execute(sql, *arrays, timeout=BULK_TIMEOUT_S), write=True))
+        self._changed(n)
+        return n
 
     async def close(self) -> None:
         """Wait for the queries in flight, close the pool and the listener."""
