@@ -147,3 +147,50 @@ def test_a_bad_url_exits_2_with_one_line(tmp_path: Path, src: str, dst: str, wor
     assert words in r.stderr
     assert "secret" not in r.stderr
     assert r.stdout == ""
+
+
+def test_sqlite_to_postgresql_and_back(tmp_path: Path, pg_url: str):
+    src, back = f"sqlite:///{tmp_path / 'src.db'}", f"sqlite:///{tmp_path / 'back.db'}"
+    token = asyncio.run(fill(src))
+    rows = asyncio.run(dump(src))
+    to_pg = cli("db", "copy", src, pg_url)
+    assert to_pg.returncode == 0, to_pg.stderr
+    assert copied_total(to_pg.stdout) == sum(len(v) for v in rows.values())
+    assert asyncio.run(dump(pg_url)) == rows
+    assert asyncio.run(logs_in(pg_url, "alice", token))
+    again = cli("db", "copy", src, pg_url)
+    assert again.returncode == 0 and copied_total(again.stdout) == 0, again.stderr
+    from_pg = cli("db", "copy", pg_url, back)
+    assert from_pg.returncode == 0, from_pg.stderr
+    assert asyncio.run(dump(back)) == rows
+    assert asyncio.run(logs_in(back, "alice", token))
+    assert copied_total(cli("db", "copy", pg_url, back).stdout) == 0
+
+
+def test_the_postgresql_copy_answers_like_the_source(tmp_path: Path, pg_url: str):
+    src = f"sqlite:///{tmp_path / 'src.db'}"
+    asyncio.run(fill(src))
+    assert cli("db", "copy", src, pg_url).returncode == 0
+
+    async def answers(url: str):
+        db = open_equivalence_db(url, read_only=True)
+        try:
+            return ([(await db.get_unihash_full(M, h(f"t{i}")))["unihash"] for i in (0, 1, 700, 2499)],
+                    await db.class_of(h("u0"), (), 16), await db.gc_status(),
+                    await db.archive_alias("a/y.tar.zst"), await db.dedup_stats(),
+                    [(u.username, u.permissions) for u in await db.get_all_users()])
+        finally:
+            await db.close()
+
+    assert asyncio.run(answers(src)) == asyncio.run(answers(pg_url))
+
+
+def test_an_unreachable_postgresql_exits_2_with_one_line(tmp_path: Path):
+    from tests.service import free_port
+
+    src = f"sqlite:///{tmp_path / 's.db'}"
+    asyncio.run(fill(src))
+    r = cli("db", "copy", src, f"postgresql://u:secret@127.0.0.1:{free_port()}/db")
+    assert r.returncode == 2
+    assert len(r.stderr.strip().splitlines()) == 1 and "cannot open destination" in r.stderr, r.stderr
+    assert "secret" not in r.stderr
