@@ -411,7 +411,8 @@ class PostgresEquivalenceDB:
         """Changes whenever anyone commits a change (see the module docstring); never fails."""
         if self._listener_task is None and not self._closed:
             self._start_listener()
-        if not self._listening:
+        conn = self._listener_conn
+        if not self._listening or conn is None or conn.is_closed():
             self._gen += 1  # nothing can be trusted while no notification can arrive
         return self._gen
 
