@@ -125,6 +125,9 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.OperatorInterventionError,  # 57xxx: admin shutdown, cannot connect now
     asyncpg.exceptions.InsufficientResourcesError,  # 53xxx: too many connections, disk full
     asyncpg.exceptions.TransactionRollbackError,  # 40xxx: serialization failure, deadlock: retry
+    # The driver's state machine after the server ended an idle connection under it
+    # ("cannot switch to state ..."): that connection is unusable.
+    asyncpg.exceptions.InternalClientError,
 )
 
 
@@ -338,24 +341,48 @@ class PostgresEquivalenceDB:
             self._start_listener()
             return pool
 
-    async def _run(self, fn: Callable[[asyncpg.Connection], Awaitable[T]], *, write: bool = False,
-                   timeout: float | None = None) -> T:
+    async def _run(self, fn: Callable[[asyncpg.Connection], Awaitable[T]], *, write: bool = False) -> T:
         """``fn(conn)`` on a pooled connection (in a transaction when ``write``); connection-level
-        failures become DatabaseUnavailable."""
+        failures become DatabaseUnavailable.
+
+        A pooled connection that broke while idle (the server restarted) fails its first use; it
+        is thrown away and the call is tried once more on a new connection: a read always, a
+        write only when the failure came before its transaction began (nothing was sent, so it
+        cannot have been committed).
+        """
         if write and self.read_only:
             raise ReadOnlyError("the equivalence database is open read-only")
         pool = await self._get_pool()
-        try:
-            async with pool.acquire(timeout=CONNECT_TIMEOUT_S) as conn:
-                if not write:
-                    return await fn(conn)
-                async with conn.transaction():
-                    result = await fn(conn)
-                return result
-        except Exception as exc:
-            if _is_unavailable(exc):
+        for attempt in (1, 2):
+            began = False
+            try:
+                async with pool.acquire(timeout=CONNECT_TIMEOUT_S) as conn:
+                    try:
+                        if not write:
+                            return await fn(conn)
+                        tr = conn.transaction()
+                        await tr.start()
+                        began = True
+                        try:
+                            result = await fn(conn)
+                        except BaseException:
+                            with contextlib.suppress(Exception):
+                                await tr.rollback()
+                            raise
+                        await tr.commit()
+                        return result
+                    except Exception as exc:
+                        if _is_unavailable(exc):  # never hand it out again; the pool makes a new one
+                            with contextlib.suppress(asyncpg.InterfaceError):  # already dropped
+                                conn.terminate()
+                        raise
+            except Exception as exc:
+                if not _is_unavailable(exc):
+                    raise
+                if attempt == 1 and not began and not isinstance(exc, OSError | asyncio.TimeoutError):
+                    continue  # a stale connection (a refused or timed-out connect is not retried)
                 raise _unavailable(exc) from exc
-            raise
+        raise AssertionError("unreachable")
 
     async def _fetchrow(self, sql: str, *args: Any) -> asyncpg.Record | None:
         return await self._run(lambda c: c.fetchrow(sql, *args))
