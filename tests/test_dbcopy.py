@@ -138,6 +138,7 @@ def test_rows_already_in_the_destination_are_kept(tmp_path: Path):
     ("sqlite://", "sqlite:///{tmp}/d.db", "source"),
     ("sqlite:///{tmp}/s.db", "sqlite:///{tmp}/s.db", "same database"),
     ("sqlite:///{tmp}/s.db", "mysql://u:secret@h/db", "unsupported"),
+    ("sqlite:///{tmp}/s.db", "postgresql://u:secret@h:port/db", "bad PostgreSQL url"),
 ])
 def test_a_bad_url_exits_2_with_one_line(tmp_path: Path, src: str, dst: str, words: str):
     asyncio.run(fill(f"sqlite:///{tmp_path / 's.db'}")) if "s.db" in src else None
