@@ -195,3 +195,14 @@ def test_an_unreachable_postgresql_exits_2_with_one_line(tmp_path: Path):
     assert r.returncode == 2
     assert len(r.stderr.strip().splitlines()) == 1 and "cannot open destination" in r.stderr, r.stderr
     assert "secret" not in r.stderr
+
+
+def test_postgresql_to_postgresql(tmp_path: Path, pg_cluster, pg_url: str):
+    src = f"sqlite:///{tmp_path / 'src.db'}"
+    token = asyncio.run(fill(src))
+    assert cli("db", "copy", src, pg_url).returncode == 0
+    other = pg_cluster.create_database()
+    r = cli("db", "copy", pg_url, other)
+    assert r.returncode == 0, r.stderr
+    assert asyncio.run(dump(other)) == asyncio.run(dump(src))
+    assert asyncio.run(logs_in(other, "alice", token))
