@@ -31,7 +31,7 @@ log = logging.getLogger("sstate_proxy")
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="TOML config file (default: $SSTATE_PROXY_CONFIG)")
     p.add_argument("--storage", metavar="PATH|s3://BUCKET/PREFIX", help="object store")
-    p.add_argument("--database", metavar="URL", help="sqlite:///path")
+    p.add_argument("--database", metavar="URL", help="sqlite:///path or postgresql://user@host:port/db")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -409,3 +409,19 @@ async def test_bitbake_hashserv_postgresql_interop(pg_url: str, tmp_path: Path):
         assert (await db.get_unihash(M, h("t4")))["unihash"] == h("u3")
     finally:
         await db.close()
+
+
+async def test_pool_is_bounded(pg_cluster: PgCluster, pg_url: str):
+    db = open_equivalence_db(pg_url, pool_size=2)
+    try:
+        await db.insert_unihash(M, h("t"), h("u"))
+
+        async def slow(c):
+            await c.execute("SELECT pg_sleep(0.2)")
+        await asyncio.gather(*(db._run(slow) for _ in range(8)))  # type: ignore[attr-defined]
+        busy = await asyncio.gather(*(db.get_unihash(M, h("t")) for _ in range(20)),
+                                    asyncio.to_thread(pg_cluster.psql, "SELECT count(*) FROM pg_stat_activity "
+                                                      f"WHERE datname = '{dbname(pg_url)}'"))
+        assert int(busy[-1]) <= 4  # two pooled + one listening connection + psql itself
+    finally:
+        await db.close()
