@@ -358,7 +358,7 @@ class _BitbakeHashserv:
 @pytest.mark.skipif(not _bitbake_python_ok(),
                     reason="set BITBAKE_DIR to a bitbake checkout (and BITBAKE_PYTHON to a Python with "
                            "sqlalchemy[asyncio] and asyncpg) to test interop with bitbake-hashserv")
-async def test_bitbake_hashserv_postgresql_interop(pg_url: str, tmp_path: Path):
+async def test_bitbake_hashserv_postgresql_interop(pg_cluster: PgCluster, pg_url: str, tmp_path: Path):
     # 1. bitbake-hashserv creates and fills the database.
     bb = _BitbakeHashserv(pg_url, tmp_path)
     try:
@@ -409,6 +409,23 @@ async def test_bitbake_hashserv_postgresql_interop(pg_url: str, tmp_path: Path):
         assert (await db.get_unihash(M, h("t4")))["unihash"] == h("u3")
     finally:
         await db.close()
+    # 4. A database created by us (not by bitbake) is opened by bitbake-hashserv as well.
+    fresh = pg_cluster.create_database("ours")
+    db = open_equivalence_db(fresh)
+    try:
+        await db.insert_report({"method": M, "taskhash": h("t5"), "outhash": h("o5")}, h("u5"))
+    finally:
+        await db.close()
+    bb = _BitbakeHashserv(fresh, tmp_path)
+    try:
+        out = _bitbake_client(bb.sock, f"""
+            out['r6'] = c.report_unihash({h('t6')!r}, {M!r}, {h('o5')!r}, {h('u6')!r})
+            out['usage'] = c.get_db_usage()
+        """, "admin", "adminpw")
+    finally:
+        bb.stop()
+    assert out["r6"]["unihash"] == h("u5")
+    assert out["usage"]["unihashes_v3"]["rows"] == 2
 
 
 async def test_pool_is_bounded(pg_cluster: PgCluster, pg_url: str):
