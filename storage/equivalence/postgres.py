@@ -44,6 +44,9 @@ Semantics are the SQLite engine's (storage/equivalence/sqlite.py); where they ar
   database, so it never fails.
 * **Migrations**: storage.equivalence.migrations, in one transaction under an advisory lock.
 * Mixed-case columns ``PN``, ``PV``, ``PR`` are always double-quoted.
+* Needs PostgreSQL 11 or newer (statement triggers with transition tables, ``EXECUTE FUNCTION``,
+  ``hashtextextended``). Connect to PostgreSQL directly or through a session-mode pooler:
+  LISTEN and asyncpg's prepared statements need a session.
 """
 
 from __future__ import annotations
