@@ -442,3 +442,18 @@ async def test_pool_is_bounded(pg_cluster: PgCluster, pg_url: str):
         assert int(busy[-1]) <= 4  # two pooled + one listening connection + psql itself
     finally:
         await db.close()
+
+
+def test_service_starts_while_postgresql_is_down(own_cluster: PgCluster, service_factory):
+    """Started before its database: 503 until PostgreSQL is up, then the schema is migrated and
+    requests succeed, with no restart."""
+    url = own_cluster.create_database()
+    own_cluster.stop("fast")
+    svc = service_factory(config={"database": {"url": url}}).start()
+    method = quote("oe.sstatesig.OEOuthashBasic")
+    resp, body = _call(svc.port, "GET", f"/v1/equivalent?method={method}&taskhash={h('t')}")
+    assert resp.status == 503 and resp.getheader("Retry-After"), body
+    own_cluster.start()
+    resp, body = _call(svc.port, "GET", f"/v1/equivalent?method={method}&taskhash={h('t')}")
+    assert resp.status == 200 and json.loads(body) is None, body
+    assert applied(own_cluster, url) == [m.version for m in migrations.MIGRATIONS]

@@ -137,6 +137,10 @@ class ReadOnlyError(PermissionError):
     """A write was attempted on a database opened read-only."""
 
 
+class MigrationError(RuntimeError):
+    """The schema migrations could not be applied (not a transient fault)."""
+
+
 def _is_unavailable(exc: BaseException) -> bool:
     if isinstance(exc, _UNAVAILABLE):
         return True
@@ -328,6 +332,14 @@ class PostgresEquivalenceDB:
                     conn = await asyncpg.connect(self.dsn, **kw)
                     try:
                         applied = await _apply_migrations(conn)
+                    except asyncpg.PostgresError as exc:
+                        if _is_unavailable(exc):
+                            raise
+                        # e.g. the role may not create triggers: say so once, clearly
+                        raise MigrationError(
+                            f"database {self.url}: applying sstate-proxy's schema migrations failed "
+                            f"({type(exc).__name__}: {exc}); connect as the role that owns "
+                            "bitbake-hashserv's tables") from exc
                     finally:
                         await conn.close()
                     if applied:
