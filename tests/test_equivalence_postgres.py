@@ -457,3 +457,39 @@ def test_service_starts_while_postgresql_is_down(own_cluster: PgCluster, service
     resp, body = _call(svc.port, "GET", f"/v1/equivalent?method={method}&taskhash={h('t')}")
     assert resp.status == 200 and json.loads(body) is None, body
     assert applied(own_cluster, url) == [m.version for m in migrations.MIGRATIONS]
+
+
+def test_passwords_from_url_env_and_pgpass(tmp_path: Path):
+    """A password-protected server: the password from the URL, PGPASSWORD, or a password file
+    (~/.pgpass; PGPASSFILE names another) — asyncpg reads the last two as libpq does."""
+    secret = "pw-for-tests"
+    cluster = start_cluster(password=secret)
+    try:
+        url = cluster.create_database()  # postgresql://postgres@127.0.0.1:PORT/db, no password
+        with_pw = url.replace("postgres@", f"postgres:{secret}@")
+        pgpass = tmp_path / "pgpass"
+        pgpass.write_text(f"127.0.0.1:{cluster.port}:*:postgres:{secret}\n")
+        pgpass.chmod(0o600)
+        script = ("import asyncio, sys; sys.path.insert(0, sys.argv[2]); "
+                  "from storage.equivalence import open_equivalence_db\n"
+                  "async def main():\n"
+                  "    db = open_equivalence_db(sys.argv[1])\n"
+                  "    try:\n"
+                  "        print(await db.get_unihash('M', 'T'))\n"
+                  "    finally:\n"
+                  "        await db.close()\n"
+                  "asyncio.run(main())")
+        repo = str(Path(__file__).parent.parent)
+        base = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        base["PGPASSFILE"] = str(tmp_path / "none")  # not the invoking user's own ~/.pgpass
+        cases = [(with_pw, {}), (url, {"PGPASSWORD": secret}), (url, {"PGPASSFILE": str(pgpass)})]
+        for u, env in cases:
+            r = subprocess.run([sys.executable, "-c", script, u, repo], env={**base, **env},
+                               capture_output=True, text=True, timeout=60)
+            assert r.returncode == 0 and r.stdout.strip() == "None", (env, r.stderr[-2000:])
+        r = subprocess.run([sys.executable, "-c", script, url, repo], env=base, capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode != 0 and "DatabaseUnavailable" not in r.stderr.splitlines()[-1] \
+            and "password" in r.stderr.lower()  # no password: refused (not "unavailable")
+    finally:
+        cluster.destroy()
