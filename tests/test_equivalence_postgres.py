@@ -493,3 +493,25 @@ def test_passwords_from_url_env_and_pgpass(tmp_path: Path):
             and "password" in r.stderr.lower()  # no password: refused (not "unavailable")
     finally:
         cluster.destroy()
+
+
+async def test_a_role_without_create_rights_uses_a_migrated_database(pg_cluster: PgCluster, pg_url: str):
+    owner = open_equivalence_db(pg_url)
+    try:
+        await owner.get_unihash(M, h("t"))  # migrated by the owner
+        role = f"app_{dbname(pg_url)}"
+        pg_cluster.psql(f"CREATE ROLE {role} LOGIN; REVOKE CREATE ON SCHEMA public FROM PUBLIC;"
+                        f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role};"
+                        f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}", dbname(pg_url))
+        app = open_equivalence_db(pg_url.replace("postgres@", f"{role}@"))
+        try:
+            await owner.generation()
+            await asyncio.sleep(0.3)
+            g = await owner.generation()
+            r = await app.insert_report({"method": M, "taskhash": h("t"), "outhash": h("o")}, h("u"))
+            assert r["unihash"] == h("u")
+            assert await moved(owner, g)  # the owner's trigger fires for the app role's writes
+        finally:
+            await app.close()
+    finally:
+        await owner.close()

@@ -271,7 +271,15 @@ def _insert_outhash_sql(data: dict[str, Any]) -> tuple[str, list[Any]]:
 
 
 async def _apply_migrations(conn: asyncpg.Connection) -> list[int]:
-    """The missing migrations, each once, in one transaction under an advisory lock."""
+    """The missing migrations, each once, in one transaction under an advisory lock.
+
+    A database with every migration applied is only read (no lock, no DDL), so a role that may
+    read and write the tables but not create anything can use a database migrated by its owner.
+    """
+    wanted = {m.version for m in migrations.MIGRATIONS}
+    if await conn.fetchval("SELECT to_regclass('sstate_proxy_migrations') IS NOT NULL"):
+        if wanted <= {r[0] for r in await conn.fetch("SELECT version FROM sstate_proxy_migrations")}:
+            return []
     applied: list[int] = []
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", migrations.MIGRATION_LOCK)
