@@ -31,7 +31,7 @@ log = logging.getLogger("sstate_proxy")
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="TOML config file (default: $SSTATE_PROXY_CONFIG)")
     p.add_argument("--storage", metavar="PATH|s3://BUCKET/PREFIX", help="object store")
-    p.add_argument("--database", metavar="URL", help="sqlite:///path")
+    p.add_argument("--database", metavar="URL", help="sqlite:///path or postgresql://user@host:port/db")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,10 +110,20 @@ async def prepare(cfg: Config) -> None:
     """One-time start-up work done once, before workers fork: schema, admin user.
     (Worker 0's store.start() removes the temp litter of an interrupted upload.)"""
     from proxy.auth import Auth
-    from storage.equivalence import open_equivalence_db
+    from storage.equivalence import DatabaseUnavailable, open_equivalence_db
 
     db = open_equivalence_db(cfg.database.url)
     try:
+        try:
+            # PostgreSQL connects lazily: connect and apply the schema migrations now, so that a
+            # schema problem shows at start. An unreachable server is not fatal (requests that
+            # need it get 503 until it is back), unless the admin user must be set up.
+            await db.get_current_gc_mark()
+        except DatabaseUnavailable as exc:
+            if cfg.auth.admin_user:
+                raise
+            log.warning("%s; starting anyway", exc)
+            return
         if cfg.auth.admin_user:
             await Auth(db, cfg.hashserv.anon_perms).ensure_admin(cfg.auth.admin_user, cfg.auth.admin_token)
             log.info("admin user %r has @all", cfg.auth.admin_user)

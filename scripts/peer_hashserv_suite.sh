@@ -22,6 +22,9 @@ Environment:
                 of pyproject.toml). Default: python3.
   TEST_TIMEOUT  seconds allowed per transport (default 900).
   KEEP=1        keep the temporary directory (server logs, databases) and print its path.
+  DATABASE      a database URL to use instead of a temporary SQLite file, e.g.
+                postgresql://postgres@127.0.0.1:5432/peer_{transport}: "{transport}" is replaced
+                by the transport's name; each database must exist and should be empty.
 
 Excluded tests (not counted): test_auth_read_perms and test_auth_report_perms. They give a
 user no permissions and expect `get` / `report` to be refused, but bitbake's rule is that a
@@ -124,6 +127,8 @@ PY
 run_transport() { # KIND; prints the summary line; returns non-zero on failure
     local kind=$1 dir=$WORK/$1 http addr extra=()
     mkdir -p "$dir"
+    local db_url="sqlite:///$dir/db.sqlite"
+    if [ -n "${DATABASE:-}" ]; then db_url=${DATABASE//\{transport\}/$kind}; fi
     http=$(free_port)
     case "$kind" in
         tcp)  local p; p=$(free_port); addr="127.0.0.1:$p"; extra=(--hashserv-bind "$addr") ;;
@@ -132,7 +137,7 @@ run_transport() { # KIND; prints the summary line; returns non-zero on failure
     esac
     (cd "$dir" && SSTATE_PROXY_ADMIN_USER=admin SSTATE_PROXY_ADMIN_TOKEN=password PYTHONPATH="$REPO" \
         exec "$PYTHON" -m proxy.cli serve --bind "127.0.0.1:$http" --storage "$dir/storage" \
-        --database "sqlite:///$dir/db.sqlite" --anon-perms @read --log-level WARNING "${extra[@]}") \
+        --database "$db_url" --anon-perms @read --log-level WARNING "${extra[@]}") \
         >"$dir/server.log" 2>&1 &
     SERVER_PID=$!
     if ! wait_ready "$addr"; then

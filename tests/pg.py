@@ -61,8 +61,10 @@ def unavailable(reason: str):
 class PgCluster:
     """One PostgreSQL server in a temp dir, on 127.0.0.1:<port>, trust auth, superuser ``postgres``."""
 
-    def __init__(self, bindir: Path) -> None:
+    def __init__(self, bindir: Path, password: str | None = None) -> None:
+        """``password``: TCP connections must authenticate with it (scram-sha-256) instead of trust."""
         self.bindir = bindir
+        self.password = password
         self.root = Path(tempfile.mkdtemp(prefix="sstate-pg-"))
         self.data = self.root / "data"
         self.sockdir = self.root / "sock"
@@ -77,7 +79,14 @@ class PgCluster:
             for p in (self.root, self.sockdir):
                 os.chown(p, pw.pw_uid, pw.pw_gid)
             self.root.chmod(0o755)
-        self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", self.user, "-E", "UTF8",
+        auth = ["-A", "trust"]
+        if password is not None:
+            pwfile = self.root / "pwfile"
+            pwfile.write_text(password + "\n")
+            if self.as_root:
+                os.chown(pwfile, pw.pw_uid, pw.pw_gid)
+            auth = ["--auth-local=trust", "--auth-host=scram-sha-256", f"--pwfile={pwfile}"]
+        self._run("initdb", "-D", str(self.data), *auth, "-U", self.user, "-E", "UTF8",
                   "--locale=C", "--no-sync")
         self.start()
 
@@ -104,10 +113,13 @@ class PgCluster:
         return f"postgresql://{self.user}@{self.host}:{self.port}/{dbname}"
 
     def psql(self, sql: str, dbname: str = "postgres") -> str:
+        env = {**os.environ}
+        if self.password is not None:
+            env["PGPASSWORD"] = self.password
         out = subprocess.run(
             [str(self.bindir / "psql"), "-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-h", self.host,
              "-p", str(self.port), "-U", self.user, "-d", dbname, "-c", sql],
-            capture_output=True, text=True)
+            capture_output=True, text=True, env=env)
         if out.returncode != 0:
             raise RuntimeError(f"psql failed: {out.stderr}")
         return out.stdout
@@ -123,7 +135,7 @@ class PgCluster:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def start_cluster() -> PgCluster:
+def start_cluster(password: str | None = None) -> PgCluster:
     bindir = find_bindir()
     if bindir is None:
         unavailable("no PostgreSQL server binaries (initdb, pg_ctl, postgres): install Debian's "
@@ -135,7 +147,7 @@ def start_cluster() -> PgCluster:
             unavailable("running as root and there is no `postgres` user to run the server as")
     if shutil.which("runuser") is None and os.geteuid() == 0:
         unavailable("running as root without `runuser`")
-    return PgCluster(bindir)
+    return PgCluster(bindir, password)
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ import pytest
 
 from storage import ObjectStore
 from storage.dedup import DedupStore
+from storage.equivalence import open_equivalence_db
 from storage.equivalence.sqlite import SqliteEquivalenceDB
 from storage.local import LocalStore
 from storage.s3 import S3Store
@@ -34,9 +35,12 @@ async def inner(request, tmp_path, moto):  # noqa: F811
     yield s
 
 
-@pytest.fixture
-async def pair(inner, tmp_path):
-    db = SqliteEquivalenceDB(str(tmp_path / "db"))
+@pytest.fixture(params=["sqlite", "postgres"])
+async def pair(inner, tmp_path, request):
+    if request.param == "postgres":
+        db = open_equivalence_db(request.getfixturevalue("pg_cluster").create_database())  # tests/pg.py
+    else:
+        db = SqliteEquivalenceDB(str(tmp_path / "db"))
     store = DedupStore(inner, db)
     yield store, inner, db
     await store.close()

@@ -451,3 +451,45 @@ def test_open_urls():
     with pytest.raises(UnsupportedDatabase):
         open_equivalence_db("mysql://u@localhost/db")
     assert issubclass(UnsupportedDatabase, ValueError)
+
+
+# --- archive identity (storage dedup) ------------------------------------------------------------------
+async def test_archive_identity(db: EquivalenceDB, engine: Engine):
+    assert await db.dedup_stats() == {"objects": 0, "unique": 0, "bytes_saved": 0}
+    assert await db.record_archive("k1", "I", 100) == "k1"
+    assert await db.record_archive("k1", "I", 100) == "k1"  # idempotent
+    assert await db.record_archive("k2", "I", 100) == "k1"
+    assert await db.record_archive("k3", "I", 100) == "k1"
+    assert await db.record_archive("j1", "J", 5_000_000_000) == "j1"  # sizes beyond 32 bits
+    assert await db.archive_alias("k1") is None and await db.archive_alias("k2") == "k1"
+    assert await db.archive_alias("nope") is None
+    assert await db.archive_aliases("k1") == ["k2", "k3"]
+    assert await db.dedup_stats() == {"objects": 4, "unique": 2, "bytes_saved": 200}
+    # another instance sees them
+    other = engine.open()
+    try:
+        assert await other.archive_alias("k3") == "k1"
+    finally:
+        await other.close()
+    # the canonical goes: its aliases move to the successor
+    assert await db.forget_archive("k1", successor="k2") == 1
+    assert await db.archive_alias("k3") == "k2"
+    assert await db.archive_alias("k2") is None  # canonical now
+    assert await db.forget_archive("k2") == 2  # itself and its alias k3
+    assert await db.archive_alias("k3") is None
+    assert await db.dedup_stats() == {"objects": 1, "unique": 1, "bytes_saved": 0}
+    # archive rows are not hash equivalence
+    assert "sstate_proxy_archives" not in await db.get_usage()
+
+
+async def test_archive_identity_concurrent_first(engine: Engine):
+    a, b = engine.open(), engine.open()
+    try:
+        got = await asyncio.gather(*(d.record_archive(f"key{i}", "SAME", 10)
+                                     for i, d in enumerate([a, b] * 5)))
+        canonical = set(got)
+        assert len(canonical) == 1 and canonical.pop() in {f"key{i}" for i in range(10)}
+        assert (await a.dedup_stats())["unique"] == 1
+    finally:
+        await a.close()
+        await b.close()

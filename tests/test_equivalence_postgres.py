@@ -358,7 +358,7 @@ class _BitbakeHashserv:
 @pytest.mark.skipif(not _bitbake_python_ok(),
                     reason="set BITBAKE_DIR to a bitbake checkout (and BITBAKE_PYTHON to a Python with "
                            "sqlalchemy[asyncio] and asyncpg) to test interop with bitbake-hashserv")
-async def test_bitbake_hashserv_postgresql_interop(pg_url: str, tmp_path: Path):
+async def test_bitbake_hashserv_postgresql_interop(pg_cluster: PgCluster, pg_url: str, tmp_path: Path):
     # 1. bitbake-hashserv creates and fills the database.
     bb = _BitbakeHashserv(pg_url, tmp_path)
     try:
@@ -409,3 +409,109 @@ async def test_bitbake_hashserv_postgresql_interop(pg_url: str, tmp_path: Path):
         assert (await db.get_unihash(M, h("t4")))["unihash"] == h("u3")
     finally:
         await db.close()
+    # 4. A database created by us (not by bitbake) is opened by bitbake-hashserv as well.
+    fresh = pg_cluster.create_database("ours")
+    db = open_equivalence_db(fresh)
+    try:
+        await db.insert_report({"method": M, "taskhash": h("t5"), "outhash": h("o5")}, h("u5"))
+    finally:
+        await db.close()
+    bb = _BitbakeHashserv(fresh, tmp_path)
+    try:
+        out = _bitbake_client(bb.sock, f"""
+            out['r6'] = c.report_unihash({h('t6')!r}, {M!r}, {h('o5')!r}, {h('u6')!r})
+            out['usage'] = c.get_db_usage()
+        """, "admin", "adminpw")
+    finally:
+        bb.stop()
+    assert out["r6"]["unihash"] == h("u5")
+    assert out["usage"]["unihashes_v3"]["rows"] == 2
+
+
+async def test_pool_is_bounded(pg_cluster: PgCluster, pg_url: str):
+    db = open_equivalence_db(pg_url, pool_size=2)
+    try:
+        await db.insert_unihash(M, h("t"), h("u"))
+
+        async def slow(c):
+            await c.execute("SELECT pg_sleep(0.2)")
+        await asyncio.gather(*(db._run(slow) for _ in range(8)))  # type: ignore[attr-defined]
+        busy = await asyncio.gather(*(db.get_unihash(M, h("t")) for _ in range(20)),
+                                    asyncio.to_thread(pg_cluster.psql, "SELECT count(*) FROM pg_stat_activity "
+                                                      f"WHERE datname = '{dbname(pg_url)}'"))
+        assert int(busy[-1]) <= 4  # two pooled + one listening connection + psql itself
+    finally:
+        await db.close()
+
+
+def test_service_starts_while_postgresql_is_down(own_cluster: PgCluster, service_factory):
+    """Started before its database: 503 until PostgreSQL is up, then the schema is migrated and
+    requests succeed, with no restart."""
+    url = own_cluster.create_database()
+    own_cluster.stop("fast")
+    svc = service_factory(config={"database": {"url": url}}).start()
+    method = quote("oe.sstatesig.OEOuthashBasic")
+    resp, body = _call(svc.port, "GET", f"/v1/equivalent?method={method}&taskhash={h('t')}")
+    assert resp.status == 503 and resp.getheader("Retry-After"), body
+    own_cluster.start()
+    resp, body = _call(svc.port, "GET", f"/v1/equivalent?method={method}&taskhash={h('t')}")
+    assert resp.status == 200 and json.loads(body) is None, body
+    assert applied(own_cluster, url) == [m.version for m in migrations.MIGRATIONS]
+
+
+def test_passwords_from_url_env_and_pgpass(tmp_path: Path):
+    """A password-protected server: the password from the URL, PGPASSWORD, or a password file
+    (~/.pgpass; PGPASSFILE names another) — asyncpg reads the last two as libpq does."""
+    secret = "pw-for-tests"
+    cluster = start_cluster(password=secret)
+    try:
+        url = cluster.create_database()  # postgresql://postgres@127.0.0.1:PORT/db, no password
+        with_pw = url.replace("postgres@", f"postgres:{secret}@")
+        pgpass = tmp_path / "pgpass"
+        pgpass.write_text(f"127.0.0.1:{cluster.port}:*:postgres:{secret}\n")
+        pgpass.chmod(0o600)
+        script = ("import asyncio, sys; sys.path.insert(0, sys.argv[2]); "
+                  "from storage.equivalence import open_equivalence_db\n"
+                  "async def main():\n"
+                  "    db = open_equivalence_db(sys.argv[1])\n"
+                  "    try:\n"
+                  "        print(await db.get_unihash('M', 'T'))\n"
+                  "    finally:\n"
+                  "        await db.close()\n"
+                  "asyncio.run(main())")
+        repo = str(Path(__file__).parent.parent)
+        base = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        base["PGPASSFILE"] = str(tmp_path / "none")  # not the invoking user's own ~/.pgpass
+        cases = [(with_pw, {}), (url, {"PGPASSWORD": secret}), (url, {"PGPASSFILE": str(pgpass)})]
+        for u, env in cases:
+            r = subprocess.run([sys.executable, "-c", script, u, repo], env={**base, **env},
+                               capture_output=True, text=True, timeout=60)
+            assert r.returncode == 0 and r.stdout.strip() == "None", (env, r.stderr[-2000:])
+        r = subprocess.run([sys.executable, "-c", script, url, repo], env=base, capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode != 0 and "DatabaseUnavailable" not in r.stderr.splitlines()[-1] \
+            and "password" in r.stderr.lower()  # no password: refused (not "unavailable")
+    finally:
+        cluster.destroy()
+
+
+async def test_a_role_without_create_rights_uses_a_migrated_database(pg_cluster: PgCluster, pg_url: str):
+    owner = open_equivalence_db(pg_url)
+    try:
+        await owner.get_unihash(M, h("t"))  # migrated by the owner
+        role = f"app_{dbname(pg_url)}"
+        pg_cluster.psql(f"CREATE ROLE {role} LOGIN; REVOKE CREATE ON SCHEMA public FROM PUBLIC;"
+                        f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role};"
+                        f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}", dbname(pg_url))
+        app = open_equivalence_db(pg_url.replace("postgres@", f"{role}@"))
+        try:
+            await owner.generation()
+            await asyncio.sleep(0.3)
+            g = await owner.generation()
+            r = await app.insert_report({"method": M, "taskhash": h("t"), "outhash": h("o")}, h("u"))
+            assert r["unihash"] == h("u")
+            assert await moved(owner, g)  # the owner's trigger fires for the app role's writes
+        finally:
+            await app.close()
+    finally:
+        await owner.close()

@@ -22,7 +22,7 @@ from proxy.config import Config, HashservConfig
 from proxy.hashserv import HashservService
 from proxy.reports import Reporter
 from proxy.upstream_hashserv import UpstreamHashserv
-from storage.equivalence.sqlite import SqliteEquivalenceDB
+from storage.equivalence import EquivalenceDB, open_equivalence_db
 from tests.hashserv_client import HashClient, connect
 
 M = "TestMethod"
@@ -37,7 +37,7 @@ def h(*parts: object) -> str:
 @dataclass
 class Server:
     svc: HashservService
-    db: SqliteEquivalenceDB
+    db: EquivalenceDB
     auth: Auth
     addr: dict[str, str]
     changes: list[int] = field(default_factory=list)
@@ -52,15 +52,24 @@ class Server:
         await self.db.close()
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def new_database(request, tmp_path):
+    """Opens a fresh equivalence database of one engine (name -> db); every test runs on both."""
+    if request.param == "postgres":
+        cluster = request.getfixturevalue("pg_cluster")  # tests/pg.py
+        return lambda name: open_equivalence_db(cluster.create_database())
+    return lambda name: open_equivalence_db(f"sqlite:///{tmp_path / name / 'equiv.db'}")
+
+
 @pytest.fixture
-async def make_server(tmp_path):
+async def make_server(tmp_path, new_database):
     servers: list[Server] = []
 
     async def make(name: str = "hs", anon_perms=("@read",), read_only: bool = False,
                    upstream: str = "") -> Server:
         d = tmp_path / name
         d.mkdir()
-        db = SqliteEquivalenceDB(str(d / "equiv.db"))
+        db = new_database(name)
         auth = Auth(db, anon_perms)
         await auth.ensure_admin(ADMIN, ADMIN_TOKEN)
         cfg = replace(Config(), hashserv=HashservConfig(anon_perms=tuple(anon_perms), read_only=read_only,
@@ -126,7 +135,11 @@ async def test_report_get_and_streams(make_server, clients, transport):
     full = await c.get_taskhash(M, t1, True)
     assert full["outhash"] == o1 and full["unihash"] == u1 and full["PN"] == "zlib"
     assert full["owner"] == "someone"  # anonymous reports keep the client's owner
-    assert full["created"].endswith("+00:00")
+    # as bitbake-hashserv answers it for that database: UTC ISO text (sqlite), naive ISO (PostgreSQL)
+    from storage.equivalence.postgres import PostgresEquivalenceDB
+    naive = isinstance(srv.db, PostgresEquivalenceDB)
+    assert (datetime.fromisoformat(full["created"]).tzinfo is None) == naive
+    assert naive or full["created"].endswith("+00:00")
     assert set(full) >= {"id", "method", "taskhash", "outhash", "created", "owner", "PN", "PV", "PR", "task",
                          "outhash_siginfo", "unihash", "gc_mark"}
     assert await c.get_taskhash(M, h("nope")) is None
@@ -593,7 +606,7 @@ async def test_upstream_fallback_and_backfill(make_server, clients, up_transport
 
 
 async def test_auth_rules_and_token_format(tmp_path):
-    db = SqliteEquivalenceDB(str(tmp_path / "a.db"))
+    db = open_equivalence_db(f"sqlite:///{tmp_path / 'a.db'}")
     try:
         # bitbake's stored form: sha256:<16 hex salt>:sha256(salt + token)
         stored = hash_token("tok", "0011223344556677")

@@ -13,12 +13,20 @@ import pytest
 
 from proxy.hashserv.framing import CHUNK_HEADER, MAX_CHUNK
 from proxy.hashserv.listeners import bind_socket
+from storage.equivalence import open_equivalence_db
 from tests.hashserv_client import connect
 from tests.test_hashserv import M, assert_closed_without_reply, clients, h, handshake, make_server, raw_open
 
 __all__ = ["clients", "make_server"]  # fixtures shared with test_hashserv
 
 STREAMS = ("tcp", "unix")
+
+
+@pytest.fixture
+def new_database(tmp_path):
+    """make_server's database: SQLite only here (these tests are about the transport;
+    test_hashserv.py runs the protocol on every engine)."""
+    return lambda name: open_equivalence_db(f"sqlite:///{tmp_path / name / 'equiv.db'}")
 
 
 @pytest.mark.parametrize("transport", STREAMS)

@@ -31,17 +31,21 @@ def head(svc, key: str):
         conn.close()
 
 
+@pytest.mark.parametrize("engine", ["sqlite", "postgres"])
 @pytest.mark.parametrize("workers", [1, 3])
-async def test_every_transport_on_one_database_with_the_mirror(service_factory, tmp_path, workers):
+async def test_every_transport_on_one_database_with_the_mirror(service_factory, tmp_path, workers, engine,
+                                                               request):
     sock_path = tmp_path / "hs.sock"
     tcp_port = free_port()
     env = {"SSTATE_PROXY_ADMIN_USER": ADMIN[0], "SSTATE_PROXY_ADMIN_TOKEN": ADMIN[1]}
+    pg_url = request.getfixturevalue("pg_url") if engine == "postgres" else None  # tests/pg.py
     unix_svc = service_factory("unix", env=env, args=["--workers", str(workers),
-                                                      "--hashserv-bind", f"unix://{sock_path}"])
+                                                      "--hashserv-bind", f"unix://{sock_path}",
+                                                      *(["--database", pg_url] if pg_url else [])])
     corpus = make_corpus(unix_svc.storage, n=40, seed=11, equiv_fraction=0.5)
     unix_svc.start()
     tcp_svc = service_factory("tcp", env=env, args=["--workers", str(workers), "--database",
-                                                    f"sqlite:///{unix_svc.database}",
+                                                    pg_url or f"sqlite:///{unix_svc.database}",
                                                     "--hashserv-bind", f"127.0.0.1:{tcp_port}"])
     tcp_svc.start()  # a second service on the same database, as a second replica would be
     addresses = [f"unix://{sock_path}", f"127.0.0.1:{tcp_port}", f"ws://127.0.0.1:{unix_svc.port}/ws",

@@ -44,6 +44,9 @@ Semantics are the SQLite engine's (storage/equivalence/sqlite.py); where they ar
   database, so it never fails.
 * **Migrations**: storage.equivalence.migrations, in one transaction under an advisory lock.
 * Mixed-case columns ``PN``, ``PV``, ``PR`` are always double-quoted.
+* Needs PostgreSQL 11 or newer (statement triggers with transition tables, ``EXECUTE FUNCTION``,
+  ``hashtextextended``). Connect to PostgreSQL directly or through a session-mode pooler:
+  LISTEN and asyncpg's prepared statements need a session.
 """
 
 from __future__ import annotations
@@ -133,6 +136,10 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
 
 class ReadOnlyError(PermissionError):
     """A write was attempted on a database opened read-only."""
+
+
+class MigrationError(RuntimeError):
+    """The schema migrations could not be applied (not a transient fault)."""
 
 
 def _is_unavailable(exc: BaseException) -> bool:
@@ -265,7 +272,15 @@ def _insert_outhash_sql(data: dict[str, Any]) -> tuple[str, list[Any]]:
 
 
 async def _apply_migrations(conn: asyncpg.Connection) -> list[int]:
-    """The missing migrations, each once, in one transaction under an advisory lock."""
+    """The missing migrations, each once, in one transaction under an advisory lock.
+
+    A database with every migration applied is only read (no lock, no DDL), so a role that may
+    read and write the tables but not create anything can use a database migrated by its owner.
+    """
+    wanted = {m.version for m in migrations.MIGRATIONS}
+    if await conn.fetchval("SELECT to_regclass('sstate_proxy_migrations') IS NOT NULL"):
+        if wanted <= {r[0] for r in await conn.fetch("SELECT version FROM sstate_proxy_migrations")}:
+            return []
     applied: list[int] = []
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", migrations.MIGRATION_LOCK)
@@ -326,6 +341,14 @@ class PostgresEquivalenceDB:
                     conn = await asyncpg.connect(self.dsn, **kw)
                     try:
                         applied = await _apply_migrations(conn)
+                    except asyncpg.PostgresError as exc:
+                        if _is_unavailable(exc):
+                            raise
+                        # e.g. the role may not create triggers: say so once, clearly
+                        raise MigrationError(
+                            f"database {self.url}: applying sstate-proxy's schema migrations failed "
+                            f"({type(exc).__name__}: {exc}); connect as the role that owns "
+                            "bitbake-hashserv's tables") from exc
                     finally:
                         await conn.close()
                     if applied:

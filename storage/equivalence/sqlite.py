@@ -3,7 +3,8 @@
 The tables, indexes and pragmas (WAL, ``synchronous = NORMAL``) are those of bitbake-hashserv
 2.19's sqlite engine, so an existing ``hashserv.db`` opens as it is and a file written here can be
 handed back to ``bitbake-hashserv --database``. The schema is declared once, as data
-(``storage.equivalence.schema``); the CREATE statements are built from it.
+(``storage.equivalence.schema``); the CREATE statements are built from it, and applied as versioned
+migrations (``storage.equivalence.migrations``) under ``BEGIN IMMEDIATE`` at a writable open.
 
 Transactions
 ------------
