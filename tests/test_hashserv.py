@@ -295,6 +295,8 @@ async def test_stream_mode_and_the_messages_after_it_in_one_packet(make_server, 
     w.close()
 
 
+# flow control of the transport, not the engine: 60,000 lookups are a minute on PostgreSQL
+@pytest.mark.parametrize("new_database", ["sqlite"], indirect=True)
 async def test_a_stream_client_that_does_not_read_is_answered_in_order(make_server):
     """A client pipelining far more lines than the socket buffers hold, reading nothing until it
     has sent them all: the server stops answering in place when its writes back up, waits for
@@ -687,6 +689,8 @@ async def test_workers_share_one_prebound_socket(make_server, tmp_path, kind):
         sock.close()
 
 
+# flow control of the transport, not the engine: 60,000 lookups are a minute on PostgreSQL
+@pytest.mark.parametrize("new_database", ["sqlite"], indirect=True)
 async def test_big_pipelined_batch_flow_control(make_server):
     srv = await make_server()
     t, u = h("fc", "t"), h("fc", "u")
