@@ -27,11 +27,27 @@ per-round ratios of each pair is printed too.
 server a copy of it (each server adapts its copy to its own indexes when it opens it, before
 any timing): the phases, ``report`` above all, then run on a database of realistic size.
 
+``--postgres``: the same on PostgreSQL. One throwaway cluster (tests/pg.py's ``PgCluster``:
+initdb + pg_ctl in a temp dir, on a free loopback port, trust auth; as root the server runs as
+``postgres`` through ``runuser``) with PostgreSQL's own durability defaults (fsync,
+synchronous_commit and full_page_writes on, unlike the tests) and ``max_connections`` 400
+(bitbake-hashserv's asyncpg engine opens one connection per client). Each server gets its own
+database on it: bitbake-hashserv ``--database postgresql+asyncpg://postgres@127.0.0.1:PORT/ref_tcp``
+(its SQLAlchemy engine), sstate-proxy ``--database postgresql://postgres@127.0.0.1:PORT/proxy_tcp``.
+With ``--prefill``, bitbake's own ``hashserv.sqlalchemy`` engine creates its schema in a template
+database, ``INSERT ... SELECT generate_series`` fills it with the same rows as the SQLite
+prefill, ``VACUUM (FREEZE, ANALYZE)`` settles it (no autovacuum during the rounds), and every
+server's database is a ``CREATE DATABASE ... TEMPLATE`` copy of it. The stress phase then runs
+with 10 and with 100 clients (``--stress-clients 10,100``), and the tables have a row for the
+CPU seconds of the PostgreSQL cluster (postmaster and every backend) during each server's run.
+
     BITBAKE_DIR=DIR PYTHON=python REF_PYTHON=REFVENV/bin/python \\
-        python bench/hashserv_bench.py [--rounds 7] [--transports tcp,ws,unix] [--prefill 1000000]
+        python bench/hashserv_bench.py [--rounds 7] [--transports tcp,ws,unix] [--prefill 1000000] [--postgres]
 
 ``PYTHON`` needs sstate-proxy's dependencies and ``websockets``; ``REF_PYTHON`` needs
-``websockets`` (bitbake-hashserv's ws face). Both run bitbake's code from ``BITBAKE_DIR``.
+``websockets`` (bitbake-hashserv's ws face), and for ``--postgres`` SQLAlchemy and asyncpg.
+Both run bitbake's code from ``BITBAKE_DIR``. ``--postgres`` needs the PostgreSQL server
+binaries (Debian's ``postgresql`` package) and pytest (tests/pg.py is imported).
 """
 
 from __future__ import annotations
@@ -71,7 +87,7 @@ def h(*parts: object) -> str:
     return hashlib.sha256("/".join(str(p) for p in parts).encode()).hexdigest()
 
 
-def run_client(label: str, addr: str, out: Path, n: int, conns: int, s_clients: int, s_requests: int) -> None:
+def run_client(label: str, addr: str, out: Path, n: int, conns: int, s_clients: list[int], s_requests: int) -> None:
     """Runs every phase against ``addr`` and appends one JSON line to ``out``."""
     bitbake = os.environ["BITBAKE_DIR"]
     sys.path.insert(0, os.path.join(bitbake, "lib"))
@@ -179,20 +195,28 @@ def run_client(label: str, addr: str, out: Path, n: int, conns: int, s_clients: 
         secs, wrong = box[0]
         record(f"get x{conns} conns", n, secs, wrong=wrong)
 
-    def p_stress() -> None:
+    def stress(clients: int, name: str) -> None:
         cmd = [sys.executable, os.path.join(bitbake, "bin", "bitbake-hashclient"), "--no-netrc", "--address", addr,
-               "stress", "--requests", str(s_requests), "--taskhash-seed", f"bench-{run_id}"]
+               "stress", "--requests", str(s_requests), "--taskhash-seed", f"bench-{run_id}-{clients}"]
         # prime: every lookup misses, then --report inserts the hashes the timed run finds
         subprocess.run(cmd + ["--clients", "1", "--report"], check=True, capture_output=True, timeout=900)
-        p = subprocess.run(cmd + ["--clients", str(s_clients)], check=True, capture_output=True, text=True,
+        p = subprocess.run(cmd + ["--clients", str(clients)], check=True, capture_output=True, text=True,
                            timeout=900)
         rate = float(re.search(r"Total request rate:\s+([\d.]+)", p.stdout).group(1))
         total = int(re.search(r"Number of requests:\s+(\d+)", p.stdout).group(1))
         found = int(re.search(r"Hashes found:\s+(\d+)", p.stdout).group(1))
-        record("stress", total, total / rate, "req/s", wrong=total - found)
+        record(name, total, total / rate, "req/s", wrong=total - found)
+
+    def stress_step(clients: int):
+        name = "stress" if len(s_clients) == 1 else f"stress x{clients}"
+
+        def p_stress() -> None:
+            stress(clients, name)
+        p_stress.__name__ = f"p_{name}"  # for the error lines
+        return p_stress
 
     steps = [p_connect, p_ping, p_report, p_get, p_get_batch, p_exists_batch, p_get_all, p_report_equiv,
-             p_async_conns] + ([p_stress] if s_clients > 0 else [])
+             p_async_conns] + [stress_step(c) for c in s_clients if c > 0]
     errors = []
     for step in steps:
         try:
@@ -220,6 +244,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def tree_cpu(root: int, reaped: bool = False) -> float:
+    """user + system CPU seconds of ``root`` and its live descendants; ``reaped``: also of the
+    children they have already waited for (PostgreSQL's exited backends)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total, todo = 0.0, [root]
+    while todo:
+        pid = todo.pop()
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += sum(int(f) for f in fields[11:15 if reaped else 13]) / tick
+            todo += [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
 @dataclass
 class Server:
     label: str  # ref-tcp, proxy-ws, ...
@@ -229,17 +269,7 @@ class Server:
 
     def cpu_seconds(self) -> float:
         """user + system CPU of the server and its live descendants (the proxy's workers)."""
-        tick = os.sysconf("SC_CLK_TCK")
-        total, todo = 0.0, [self.proc.pid]
-        while todo:
-            pid = todo.pop()
-            try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                total += (int(fields[11]) + int(fields[12])) / tick
-                todo += [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-            except (OSError, IndexError, ValueError):
-                pass
-        return total
+        return tree_cpu(self.proc.pid)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -251,7 +281,8 @@ class Server:
                 self.proc.wait(5)
 
 
-def start_server(label: str, work: Path, python: str, bitbake: Path, db: Path) -> Server:
+def start_server(label: str, work: Path, python: str, bitbake: Path, database: str) -> Server:
+    """``database``: a path or bitbake's SQLAlchemy URL for bitbake-hashserv, a URL for sstate-proxy."""
     side, kind = label.split("-")
     port = free_port()
     sock = work / f"{label}.sock"
@@ -259,13 +290,13 @@ def start_server(label: str, work: Path, python: str, bitbake: Path, db: Path) -
     env = dict(os.environ)
     if side == "ref":
         bind = {"tcp": f"127.0.0.1:{port}", "ws": f"ws://127.0.0.1:{port}", "unix": f"unix://{sock}"}[kind]
-        cmd = [python, str(bitbake / "bin" / "bitbake-hashserv"), "--bind", bind, "--database", str(db),
+        cmd = [python, str(bitbake / "bin" / "bitbake-hashserv"), "--bind", bind, "--database", database,
                "--anon-perms", ANON_PERMS, "--log", "WARNING"]
         addr = bind
     else:
         http = free_port()
         cmd = [python, "-m", "proxy.cli", "serve", "--bind", f"127.0.0.1:{http}", "--storage",
-               str(work / f"{label}-storage"), "--database", f"sqlite:///{db}", "--anon-perms", ANON_PERMS,
+               str(work / f"{label}-storage"), "--database", database, "--anon-perms", ANON_PERMS,
                "--workers", "1", "--log-level", "WARNING"]
         addr = {"tcp": f"127.0.0.1:{port}", "ws": f"ws://127.0.0.1:{http}/ws", "unix": f"unix://{sock}"}[kind]
         if kind != "ws":
@@ -330,6 +361,70 @@ def prefill(path: Path, rows: int, python: str, bitbake: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# PostgreSQL (--postgres)
+# --------------------------------------------------------------------------------------------
+
+# on top of tests/pg.py's options (the last of a name wins): PostgreSQL's durability defaults
+# back, and room for bitbake-hashserv's connection per client (stress: 100) and the proxy's pool
+PG_OPTIONS = "-c fsync=on -c synchronous_commit=on -c full_page_writes=on -c max_connections=400"
+PG_TEMPLATE = "bench_template"
+PG_SETTINGS = ("fsync", "synchronous_commit", "full_page_writes", "max_connections", "shared_buffers")
+
+
+def start_postgres():
+    """tests/pg.py's throwaway cluster, with PG_OPTIONS."""
+    sys.path.insert(0, str(REPO))
+    from tests.pg import PgCluster, find_bindir
+
+    bindir = find_bindir()
+    if bindir is None:
+        sys.exit("--postgres: no PostgreSQL server binaries (initdb, pg_ctl, postgres): "
+                 "install Debian's postgresql package")
+    return PgCluster(bindir, options=PG_OPTIONS)
+
+
+def ref_url(cluster, dbname: str) -> str:
+    """bitbake-hashserv's spelling: its SQLAlchemy engine with asyncpg."""
+    return f"postgresql+asyncpg://{cluster.user}@{cluster.host}:{cluster.port}/{dbname}"
+
+
+def pg_prefill(cluster, rows: int, python: str, bitbake: Path) -> None:
+    """Database PG_TEMPLATE: bitbake's schema (created by its ``hashserv.sqlalchemy`` engine) and
+    the rows of ``prefill`` (the same hashes, computed by the server), frozen and analysed."""
+    cluster.psql(f"CREATE DATABASE {PG_TEMPLATE}")
+    create = ("import asyncio, sys; sys.path.insert(0, sys.argv[1]); import hashserv.sqlalchemy as s\n"
+              "asyncio.run(s.DatabaseEngine(sys.argv[2]).create())")
+    subprocess.run([python, "-c", create, str(bitbake / "lib"), ref_url(cluster, PG_TEMPLATE)], check=True)
+
+    def sha(prefix: str, i: str) -> str:  # h(prefix, i)
+        return f"encode(sha256(convert_to('{prefix}/' || ({i}), 'UTF8')), 'hex')"
+
+    prev = "i - (i % 4 = 3)::int"  # every 4th row has the previous row's unihash and outhash
+    series = f"FROM generate_series(0, {rows - 1}) AS i"
+    cluster.psql(  # one transaction
+        f"INSERT INTO unihashes_v3 (method, taskhash, unihash, gc_mark) "
+        f"SELECT '{PREFILL_METHOD}', {sha('prefill-task', 'i')}, {sha('prefill-uni', prev)}, '' {series}; "
+        f'INSERT INTO outhashes_v2 (method, taskhash, outhash, created, owner, "PN", "PV", "PR", task, '
+        f"outhash_siginfo) SELECT '{PREFILL_METHOD}', {sha('prefill-task', 'i')}, {sha('prefill-out', prev)}, "
+        f"'2026-01-01 00:00:00', NULL, 'pn', '1.0', 'r0', 'do_x', NULL {series}", PG_TEMPLATE)
+    # hint bits, visibility map and statistics now, so no autovacuum runs during the rounds
+    cluster.psql("VACUUM (FREEZE, ANALYZE)", PG_TEMPLATE)
+
+
+def pg_create(cluster, dbname: str, from_template: bool) -> None:
+    sql = f"CREATE DATABASE {dbname}"
+    if from_template:
+        sql += f" TEMPLATE {PG_TEMPLATE}"
+        if int(cluster.psql("SHOW server_version_num")) >= 150000:
+            sql += " STRATEGY file_copy"  # not the whole database through the WAL
+    cluster.psql(sql)
+
+
+def du(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+# --------------------------------------------------------------------------------------------
 # orchestration
 # --------------------------------------------------------------------------------------------
 
@@ -342,7 +437,8 @@ def machine(python: str, ref_python: str) -> str:
             f"reference Python {subprocess.run([ref_python, '-c', ver], capture_output=True, text=True).stdout.strip()}")
 
 
-def summarize(results: Path, cpu: dict[str, list[float]], kinds: list[str]) -> int:
+def summarize(results: Path, cpu: dict[str, list[float]], kinds: list[str],
+              pg_cpu: dict[str, list[float]] | None = None) -> int:
     per_round: dict[str, dict[str, list[float]]] = {}
     wrong: set[tuple[str, str]] = set()
     errors: list[str] = []
@@ -370,6 +466,9 @@ def summarize(results: Path, cpu: dict[str, list[float]], kinds: list[str]) -> i
         print(f"| {p} | " + " | ".join(f"{m:.0f}" if (m := med(lb, p)) else "-" for lb in labels) + " |")
     print("| server CPU s per round | " + " | ".join(
         f"{statistics.median(cpu[lb]):.2f}" if cpu.get(lb) else "-" for lb in labels) + " |")
+    if pg_cpu:
+        print("| PostgreSQL CPU s per round | " + " | ".join(
+            f"{statistics.median(pg_cpu[lb]):.2f}" if pg_cpu.get(lb) else "-" for lb in labels) + " |")
 
     print("\nratio sstate-proxy / bitbake-hashserv: of the medians, and [median of the per-round ratios]")
     print("| phase | " + " | ".join(kinds) + " |")
@@ -402,15 +501,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--transports", default=",".join(KINDS), help="comma-separated subset of tcp,ws,unix")
     ap.add_argument("--n", type=int, default=2000, help="operations per phase (default 2000)")
     ap.add_argument("--conns", type=int, default=8, help="connections of the async get phase")
-    ap.add_argument("--stress-clients", type=int, default=10, help="0 skips the stress phase")
+    ap.add_argument("--stress-clients", metavar="N[,N...]",
+                    help="clients of the stress phase, one phase per value (default 10; with --postgres "
+                         "10,100); 0 skips it")
     ap.add_argument("--stress-requests", type=int, default=200)
     ap.add_argument("--prefill", type=int, default=0, metavar="ROWS",
                     help="start every server on a copy of a database holding ROWS reports")
+    ap.add_argument("--postgres", action="store_true",
+                    help="every server on its own database of one throwaway PostgreSQL cluster")
     ap.add_argument("--json", type=Path, help="also keep the per-round results (JSON lines) here")
     ap.add_argument("--client", nargs=3, metavar=("LABEL", "ADDR", "OUT"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    try:
+        stress_clients = [int(c) for c in (a.stress_clients or ("10,100" if a.postgres else "10")).split(",")]
+    except ValueError:
+        ap.error("--stress-clients: comma-separated numbers")
     if a.client:
-        run_client(a.client[0], a.client[1], Path(a.client[2]), a.n, a.conns, a.stress_clients, a.stress_requests)
+        run_client(a.client[0], a.client[1], Path(a.client[2]), a.n, a.conns, stress_clients, a.stress_requests)
         return 0
     if not a.bitbake_dir or not (a.bitbake_dir / "lib" / "hashserv" / "client.py").exists():
         ap.error("set BITBAKE_DIR (or --bitbake-dir) to an extracted bitbake tree")
@@ -424,32 +531,55 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="hashserv-bench-"))
     servers: dict[str, Server] = {}
+    cluster = None
     env = {**os.environ, "BITBAKE_DIR": str(bitbake)}
     try:
         print(f"machine: {machine(a.python, ref_python)}")
+        if a.postgres:
+            cluster = start_postgres()
+            shown = cluster.psql("SELECT string_agg(name || '=' || current_setting(name), ' ') FROM unnest("
+                                 f"ARRAY{list(PG_SETTINGS)}) AS name").strip()
+            print(f"PostgreSQL {cluster.psql('SHOW server_version').strip()} on {cluster.host}:{cluster.port} "
+                  f"({shown})", flush=True)
         template = None
         if a.prefill:
-            template = work / "prefill.db"
             t = time.monotonic()
-            prefill(template, a.prefill, a.python, bitbake)
-            print(f"prefilled {a.prefill} rows in {time.monotonic() - t:.0f}s "
-                  f"({template.stat().st_size / 1e6:.0f} MB)", flush=True)
+            if cluster is not None:
+                pg_prefill(cluster, a.prefill, ref_python, bitbake)
+                size = int(cluster.psql(f"SELECT pg_database_size('{PG_TEMPLATE}')"))
+            else:
+                template = work / "prefill.db"
+                prefill(template, a.prefill, a.python, bitbake)
+                size = template.stat().st_size
+            print(f"prefilled {a.prefill} rows in {time.monotonic() - t:.0f}s ({size / 1e6:.0f} MB)", flush=True)
         for side in ("ref", "proxy"):
             for k in kinds:
                 label = f"{side}-{k}"
-                db = work / f"{label}.db"
-                if template is not None:
-                    shutil.copyfile(template, db)
-                servers[label] = start_server(label, work, ref_python if side == "ref" else a.python, bitbake, db)
+                if cluster is not None:
+                    dbname = label.replace("-", "_")
+                    pg_create(cluster, dbname, bool(a.prefill))
+                    database = ref_url(cluster, dbname) if side == "ref" else cluster.url(dbname)
+                else:
+                    db = work / f"{label}.db"
+                    if template is not None:
+                        shutil.copyfile(template, db)
+                    database = str(db) if side == "ref" else f"sqlite:///{db}"
+                servers[label] = start_server(label, work, ref_python if side == "ref" else a.python, bitbake,
+                                              database)
         if template is not None:
             template.unlink()  # every server has its copy
+        if cluster is not None and a.prefill:
+            print(f"PostgreSQL cluster with every copy: {du(cluster.data) / 1e6:.0f} MB on disk", flush=True)
+            cluster.psql(f"DROP DATABASE {PG_TEMPLATE}")
         for s in servers.values():
             wait_ready(s, a.python, bitbake, timeout=600 if a.prefill else 30)
             print(f"  {s.label}: {s.addr} (pid {s.proc.pid})", flush=True)
         results = work / "results.jsonl"
         cpu: dict[str, list[float]] = {}
-        client_args = ["--n", str(a.n), "--conns", str(a.conns), "--stress-clients", str(a.stress_clients),
-                       "--stress-requests", str(a.stress_requests)]
+        pg_cpu: dict[str, list[float]] = {}
+        pg_pid = int((cluster.data / "postmaster.pid").read_text().split()[0]) if cluster is not None else 0
+        client_args = ["--n", str(a.n), "--conns", str(a.conns), "--stress-clients",
+                       ",".join(map(str, stress_clients)), "--stress-requests", str(a.stress_requests)]
         for rnd in range(1, a.rounds + 1):
             print(f"=== round {rnd}/{a.rounds} (load average {' '.join(f'{x:.2f}' for x in os.getloadavg())})", flush=True)
             for i, k in enumerate(kinds):
@@ -458,17 +588,21 @@ def main(argv: list[str] | None = None) -> int:
                     pair.reverse()
                 for label in pair:
                     s = servers[label]
-                    c0 = s.cpu_seconds()
+                    c0, p0 = s.cpu_seconds(), tree_cpu(pg_pid, reaped=True) if pg_pid else 0.0
                     subprocess.run([a.python, __file__, *client_args, "--client", label, s.addr, str(results)],
                                    env=env, check=False, timeout=3600)
                     cpu.setdefault(label, []).append(s.cpu_seconds() - c0)
+                    if pg_pid:
+                        pg_cpu.setdefault(label, []).append(tree_cpu(pg_pid, reaped=True) - p0)
         if a.json:
             with open(a.json, "a") as f:
                 f.write(results.read_text())
-        return summarize(results, cpu, kinds)
+        return summarize(results, cpu, kinds, pg_cpu)
     finally:
         for s in servers.values():
             s.stop()
+        if cluster is not None:
+            cluster.destroy()
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -61,10 +61,13 @@ def unavailable(reason: str):
 class PgCluster:
     """One PostgreSQL server in a temp dir, on 127.0.0.1:<port>, trust auth, superuser ``postgres``."""
 
-    def __init__(self, bindir: Path, password: str | None = None) -> None:
-        """``password``: TCP connections must authenticate with it (scram-sha-256) instead of trust."""
+    def __init__(self, bindir: Path, password: str | None = None, options: str = "") -> None:
+        """``password``: TCP connections must authenticate with it (scram-sha-256) instead of trust.
+        ``options``: more server options (``-c name=value ...``), after the defaults: the last one
+        of a name wins (bench/hashserv_bench.py runs with PostgreSQL's durability defaults)."""
         self.bindir = bindir
         self.password = password
+        self.options = options
         self.root = Path(tempfile.mkdtemp(prefix="sstate-pg-"))
         self.data = self.root / "data"
         self.sockdir = self.root / "sock"
@@ -103,7 +106,7 @@ class PgCluster:
 
     def start(self) -> None:
         opts = (f"-c listen_addresses={self.host} -p {self.port} -k {self.sockdir} -c fsync=off "
-                "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200")
+                "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200 " + self.options)
         self._run("pg_ctl", "start", "-w", "-t", "60", "-D", str(self.data), "-l", str(self.log), "-o", opts)
 
     def stop(self, mode: str = "fast") -> None:
