@@ -23,7 +23,7 @@ from tests.pg import PgCluster, start_cluster
 from tests.test_equivalence_db import FULL_KEYS, M, h, moved
 
 # The tables as bitbake-hashserv 2.19's SQLAlchemy engine creates them on PostgreSQL
-# (`create_all`, observed with `\d`: docs in /work/shared/research/hashserv-postgres.md).
+# (`create_all`, as observed with `\d` on bitbake 2.19).
 BITBAKE_DDL = """
 CREATE TABLE unihashes_v3 (id SERIAL NOT NULL, method TEXT NOT NULL, taskhash TEXT NOT NULL,
     unihash TEXT NOT NULL, gc_mark TEXT NOT NULL, PRIMARY KEY (id), UNIQUE (method, taskhash));
