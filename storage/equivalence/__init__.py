@@ -53,6 +53,10 @@ class DatabaseUnavailable(Exception):
     unreachable): a transient fault, the HTTP layer answers 503 + Retry-After."""
 
 
+class ReadOnlyError(PermissionError):
+    """A write was attempted on a database opened read-only (either engine)."""
+
+
 class UnsupportedDatabase(ValueError):
     """The database URL names an engine this build does not have."""
 

@@ -67,6 +67,7 @@ from storage.equivalence import (
     OUTHASH_TEXT_COLUMNS,
     UNIHASH_COLUMNS,
     DatabaseUnavailable,
+    ReadOnlyError,
     Row,
     User,
     migrations,
@@ -132,10 +133,6 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     # ("cannot switch to state ..."): that connection is unusable.
     asyncpg.exceptions.InternalClientError,
 )
-
-
-class ReadOnlyError(PermissionError):
-    """A write was attempted on a database opened read-only."""
 
 
 class MigrationError(RuntimeError):

@@ -64,6 +64,7 @@ from storage.equivalence import (
     OUTHASH_TEXT_COLUMNS,
     UNIHASH_COLUMNS,
     DatabaseUnavailable,
+    ReadOnlyError,
     Row,
     User,
     migrations,
@@ -111,10 +112,6 @@ _INSERT_UNIHASH = (
     "INSERT OR IGNORE INTO unihashes_v3 (method, taskhash, unihash, gc_mark) VALUES "
     "(?, ?, ?, COALESCE((SELECT value FROM config WHERE name = 'gc-mark'), ''))"
 )
-
-
-class ReadOnlyError(PermissionError):
-    """A write was attempted on a database opened read-only."""
 
 
 def utc_iso(value: datetime | str | None = None) -> str:
