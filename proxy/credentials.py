@@ -2,12 +2,13 @@
 
 Order: ``SSTATE_PROXY_USER`` + ``SSTATE_PROXY_TOKEN`` when both are set (a CI job's secret
 overrides whatever the machine's ``~/.netrc`` holds), else the ``~/.netrc`` entry of the URL's
-host (``NETRC`` names another file, as curl and requests read it), else anonymous. Credentials
+host (``NETRC`` names another file, as Python's requests reads it), else anonymous. Credentials
 inside the URL are refused: they would show in process lists and shell histories.
 """
 
 from __future__ import annotations
 
+import base64
 import netrc
 import os
 from dataclasses import dataclass
@@ -26,6 +27,10 @@ class Credentials:
     username: str
     token: str
     origin: str  # where they came from, for messages: "SSTATE_PROXY_USER" or the netrc path
+
+    def authorization(self) -> str:
+        """The ``Authorization`` header's value (HTTP Basic, UTF-8)."""
+        return "Basic " + base64.b64encode(f"{self.username}:{self.token}".encode()).decode()
 
     def __repr__(self) -> str:  # never show the token in a traceback or a log
         return f"Credentials(username={self.username!r}, origin={self.origin!r})"

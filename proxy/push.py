@@ -144,7 +144,8 @@ class Pusher:
         async def head() -> bool:
             try:
                 async with self.session.head(self.url_of(key), allow_redirects=False) as r:
-                    text = "" if r.status < 400 else await r.text(errors="replace")
+                    # a HEAD answer has no body to explain itself: the reason phrase does
+                    text = "" if r.status < 400 else (await r.text(errors="replace")) or (r.reason or "")
                     return self._head_answer(r.status, r.headers, text)
             except aiohttp.ClientConnectorError as e:
                 raise PushAborted(f"cannot connect to {self.base}: {e.os_error or e}") from None
@@ -273,11 +274,12 @@ async def push_dir(top: str, url: str, *, jobs: int = 8, dry_run: bool = False,
     scanned = importer.Summary()  # scan() records refusals and ignored litter there
     items = await asyncio.to_thread(importer.scan, top, scanned)
     s.refused, s.ignored = scanned.refused, scanned.ignored
-    auth = aiohttp.BasicAuth(credentials.username, credentials.token) if credentials else None
+    headers = {"User-Agent": "sstate-proxy-push"}
+    if credentials:
+        headers["Authorization"] = credentials.authorization()
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S, sock_read=READ_TIMEOUT_S)
     connector = aiohttp.TCPConnector(limit=max(1, jobs))
-    async with aiohttp.ClientSession(auth=auth, timeout=timeout, connector=connector,
-                                     headers={"User-Agent": "sstate-proxy-push"}) as session:
+    async with aiohttp.ClientSession(headers=headers, timeout=timeout, connector=connector) as session:
         pusher = Pusher(session, url, jobs=jobs, dry_run=dry_run, credentials=credentials)
         if show_progress and items:
             from rich.console import Console

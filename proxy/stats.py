@@ -55,10 +55,10 @@ async def fetch(url: str) -> dict[str, Any]:
     """The statistics of the service at ``url`` (its root URL); raises RemoteError."""
     base = check_url(url)
     credentials = find_credentials(base)
-    auth = aiohttp.BasicAuth(credentials.username, credentials.token) if credentials else None
+    headers = {"Authorization": credentials.authorization()} if credentials else {}
     timeout = aiohttp.ClientTimeout(total=TIMEOUT_S)
     try:
-        async with aiohttp.ClientSession(auth=auth, timeout=timeout) as session, \
+        async with aiohttp.ClientSession(headers=headers, timeout=timeout) as session, \
                 session.get(base + PATH, allow_redirects=False) as r:
             if r.status != 200:
                 text = ((await r.text(errors="replace")).strip().splitlines() or [""])[0][:200]

@@ -72,6 +72,10 @@ def stored(svc: Service) -> dict[str, bytes]:
             for p in svc.storage.rglob("*") if p.is_file() and not p.name.startswith(".tmp-")}
 
 
+def count_stored(svc: Service) -> int:
+    return sum(1 for p in svc.storage.rglob("*") if p.is_file() and not p.name.startswith(".tmp-"))
+
+
 def files_of(root: Path) -> set[str]:
     return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and not p.is_symlink()}
 
@@ -183,12 +187,12 @@ def test_killed_push_resumes_and_sends_only_the_rest(uploader, tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # Part way through, freeze the service (requests in flight hang), kill the push, thaw it.
     deadline = time.monotonic() + 30
-    while len(stored(svc)) < 20:
+    while count_stored(svc) < 20:
         assert proc.poll() is None and time.monotonic() < deadline, "push ended before it could be killed"
         time.sleep(0.005)
     os.kill(svc.proc.pid, signal.SIGSTOP)
     try:
-        seen = len(stored(svc))
+        seen = count_stored(svc)
         proc.kill()
         proc.wait()
     finally:
