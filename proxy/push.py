@@ -48,6 +48,7 @@ MAX_DELAY_S = 5.0
 CONNECT_TIMEOUT_S = 15.0
 READ_TIMEOUT_S = 300.0  # between two reads; a big upload's answer comes after its whole body
 LISTED = 50  # failures and refusals printed at most
+REDIRECTS = (301, 302, 303, 307, 308)
 
 
 class PushAborted(Exception):
@@ -127,16 +128,23 @@ class Pusher:
             why = "permission refused"
         return PushAborted(f"{method} {self.base}: {why} for {who}: {_describe(status, text)}")
 
+    def _redirected(self, method: str, headers) -> PushAborted:
+        # not followed: a PUT's body cannot be replayed to another place, and credentials must not
+        # go wherever a redirect points (http -> https, another host)
+        return PushAborted(f"{method} {self.base}: redirected to {headers.get('Location', '?')}; "
+                           "give the URL it points to")
+
     async def _attempts(self, what: str, request):
         """Run ``request()`` until it returns, retrying Transient faults; ObjectFailed at the end."""
-        for attempt in range(1, RETRIES + 1):
+        attempt = 1
+        while True:
             try:
                 return await request()
             except Transient as t:
-                if attempt == RETRIES:
+                if attempt >= RETRIES:
                     raise ObjectFailed(f"{what}: {t}") from None
                 await asyncio.sleep(min(MAX_DELAY_S, max(t.delay, RETRY_DELAY_S * attempt)))
-        raise AssertionError("unreachable")
+                attempt += 1
 
     async def has(self, key: str) -> bool:
         """True when the service stores ``key`` itself (not an equivalent object for it)."""
@@ -161,6 +169,8 @@ class Pusher:
             return False
         if status in (401, 403):
             raise self._auth_failure("HEAD", status, text)
+        if status in REDIRECTS:
+            raise self._redirected("HEAD", headers)
         if status == 503:
             raise Transient(_describe(status, text), _retry_after(headers))
         raise ObjectFailed(f"HEAD answered {_describe(status, text)}")
@@ -204,6 +214,8 @@ class Pusher:
             return False, 0
         if status in (401, 403):
             raise self._auth_failure("PUT", status, text)
+        if status in REDIRECTS:
+            raise self._redirected("PUT", rheaders)
         if status == 503:
             raise Transient(_describe(status, text), _retry_after(rheaders))
         if gate and status in (404, 405, 501):  # not a mirror that takes uploads at this URL

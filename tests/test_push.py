@@ -307,3 +307,44 @@ def test_credentials_lookup(tmp_path):
     for bad in ("ftp://h/", "h:8080", "http://u:p@h/", "http://h/?x=1"):
         with pytest.raises(CredentialsError):
             check_url(bad)
+
+
+# --- what a server in front may answer ----------------------------------------------------------------
+
+
+async def test_redirects_stop_the_push_and_503_is_retried(aiohttp_server, tmp_path, monkeypatch):
+    """An http -> https redirect of a front server stops the run (a PUT's body and credentials
+    are not sent wherever a redirect points); a 503 (database unavailable) is retried."""
+    from aiohttp import web
+
+    from proxy import push as push_mod
+
+    monkeypatch.setattr(push_mod, "RETRY_DELAY_S", 0.01)
+    corpus = make_corpus(tmp_path / "sstate", n=3, seed=1, big_objects=0)
+    seen: list[tuple[str, str]] = []
+    busy = {"left": 2}
+
+    async def redirect(request: web.Request) -> web.Response:
+        raise web.HTTPMovedPermanently("https://sstate.example.com" + request.path_qs)
+
+    async def flaky(request: web.Request) -> web.Response:
+        seen.append((request.method, request.headers.get("Digest", "")))
+        if busy["left"]:
+            busy["left"] -= 1
+            return web.Response(status=503, headers={"Retry-After": "0"})
+        if request.method == "HEAD":
+            return web.Response(status=404)
+        await request.read()
+        return web.Response(status=201)
+
+    for handler, check in ((redirect, "redirected to https://sstate.example.com/"), (flaky, None)):
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", handler)
+        server = await aiohttp_server(app)
+        s = await push_mod.push_dir(str(corpus.root), str(server.make_url("")), jobs=1, show_progress=False)
+        if check:
+            assert s.aborted and check in s.aborted and s.sent == 0
+        else:
+            assert s.aborted is None and not s.failed and s.sent == len(corpus.files)
+            assert seen[:3] == [("HEAD", "")] * 3  # two 503 answers, then the answer
+            assert all(d.startswith("sha-256=") for m, d in seen if m == "PUT")
