@@ -15,8 +15,8 @@
   credentials, no ``@upload``, read-only), stops the run with one line. The first ``PUT`` goes
   alone, with ``Expect: 100-continue`` (the service checks the permission before the body is
   sent), so a missing permission costs one refused request, not one per job.
-* Transient faults (``503``, a dropped connection) are retried a few times; an object that
-  still fails is counted, listed, and makes the exit status 1.
+* Transient faults (``502``/``503``/``504``, a dropped connection) are retried a few times; an
+  object that still fails is counted, listed, and makes the exit status 1.
 * ``--dry-run``: only the ``HEAD`` requests; prints the keys that would be sent.
 
 Credentials: ``proxy.credentials`` (``SSTATE_PROXY_USER``/``SSTATE_PROXY_TOKEN``, else
@@ -42,13 +42,14 @@ from proxy import importer
 from proxy.credentials import Credentials, CredentialsError, check_url, find_credentials
 
 SOURCE_HEADER = "X-Sstate-Source"
-RETRIES = 3  # attempts per request for transient faults (503, a dropped connection)
+RETRIES = 3  # attempts per request for transient faults (UNAVAILABLE, a dropped connection)
 RETRY_DELAY_S = 0.5  # times the attempt number; a 503's Retry-After is honoured up to MAX_DELAY_S
 MAX_DELAY_S = 5.0
 CONNECT_TIMEOUT_S = 15.0
 READ_TIMEOUT_S = 300.0  # between two reads; a big upload's answer comes after its whole body
 LISTED = 50  # failures and refusals printed at most
 REDIRECTS = (301, 302, 303, 307, 308)
+UNAVAILABLE = (502, 503, 504)  # the service's 503 (database unavailable), a load balancer's 502/504
 
 
 class PushAborted(Exception):
@@ -171,7 +172,7 @@ class Pusher:
             raise self._auth_failure("HEAD", status, text)
         if status in REDIRECTS:
             raise self._redirected("HEAD", headers)
-        if status == 503:
+        if status in UNAVAILABLE:
             raise Transient(_describe(status, text), _retry_after(headers))
         raise ObjectFailed(f"HEAD answered {_describe(status, text)}")
 
@@ -216,7 +217,7 @@ class Pusher:
             raise self._auth_failure("PUT", status, text)
         if status in REDIRECTS:
             raise self._redirected("PUT", rheaders)
-        if status == 503:
+        if status in UNAVAILABLE:
             raise Transient(_describe(status, text), _retry_after(rheaders))
         if gate and status in (404, 405, 501):  # not a mirror that takes uploads at this URL
             raise PushAborted(f"PUT {self.url_of(key)} answered {_describe(status, text)}: is {self.base} "
