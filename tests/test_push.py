@@ -32,20 +32,32 @@ ACCESS = re.compile(r" access \S+ (\S+) (PUT|HEAD|GET) (\S+) (\d+) ")
 CLEAN_ENV = ("SSTATE_PROXY_USER", "SSTATE_PROXY_TOKEN", "NETRC")
 
 
-def push(src: Path, url: str, *extra: str, env: dict | None = None, home: Path | None = None,
-         timeout: float = 60) -> tuple[int, dict, str, str]:
-    """Run the push command; (exit status, summary numbers, stdout, stderr)."""
-    base = {k: v for k, v in os.environ.items() if k not in CLEAN_ENV}
-    base["HOME"] = str(home) if home else str(src.parent / "empty-home")
-    base.setdefault("PYTHONPATH", str(Path(__file__).resolve().parent.parent))
-    args = [sys.executable, "-m", "proxy.cli", "push", str(src), "--url", url, *extra]
-    out = subprocess.run(args, env={**base, **(env or {})}, capture_output=True, text=True, timeout=timeout)
-    m = SUMMARY.search(out.stdout)
-    numbers = {}
-    if m:
-        keys = ("sent", "bytes", "skipped", "failed", "refused", "ignored")
-        numbers = {k: int(v) for k, v in zip(keys, m.groups(), strict=True) if v is not None}
-    return out.returncode, numbers, out.stdout, out.stderr
+@pytest.fixture
+def push(monkeypatch, capsys, tmp_path):
+    """Run `sstate-proxy push` (the CLI's main, in this process: a real client against the real
+    service, without a second interpreter start per run); returns a callable giving
+    (exit status, summary numbers, stdout, stderr)."""
+    from proxy import cli
+
+    def run(src: Path, url: str, *extra: str, env: dict | None = None,
+            home: Path | None = None) -> tuple[int, dict, str, str]:
+        with monkeypatch.context() as m:
+            for name in CLEAN_ENV:
+                m.delenv(name, raising=False)
+            m.setenv("HOME", str(home or tmp_path / "empty-home"))
+            for name, value in (env or {}).items():
+                m.setenv(name, value)
+            capsys.readouterr()
+            code = cli.main(["push", str(src), "--url", url, *extra])
+            out, err = capsys.readouterr()
+        m = SUMMARY.search(out)
+        numbers = {}
+        if m:
+            keys = ("sent", "bytes", "skipped", "failed", "refused", "ignored")
+            numbers = {k: int(v) for k, v in zip(keys, m.groups(), strict=True) if v is not None}
+        return code, numbers, out, err
+
+    return run
 
 
 def access_lines(svc: Service) -> list[tuple[str, str, str, int]]:
@@ -111,7 +123,7 @@ def uploader(service_factory):
 # --- publishing, skipping, rerunning -------------------------------------------------------------------
 
 
-def test_push_every_layout_skips_what_is_there_and_reruns_send_nothing(uploader, tmp_path):
+def test_push_every_layout_skips_what_is_there_and_reruns_send_nothing(uploader, push, tmp_path):
     svc, creds = uploader
     corpus = make_corpus(tmp_path / "sstate", n=60, seed=7, equiv_fraction=0.4, big_objects=1)
     src = corpus.root
@@ -176,7 +188,7 @@ def test_push_every_layout_skips_what_is_there_and_reruns_send_nothing(uploader,
     assert len(puts(svc)) == puts_before + len(missing)
 
 
-def test_killed_push_resumes_and_sends_only_the_rest(uploader, tmp_path):
+def test_killed_push_resumes_and_sends_only_the_rest(uploader, push, tmp_path):
     svc, creds = uploader
     corpus = make_corpus(tmp_path / "sstate", n=160, seed=11, big_objects=4)
     total = set(corpus.files)
@@ -213,7 +225,7 @@ def test_killed_push_resumes_and_sends_only_the_rest(uploader, tmp_path):
 # --- credentials ---------------------------------------------------------------------------------------
 
 
-def test_netrc_and_environment_credentials(uploader, tmp_path):
+def test_netrc_and_environment_credentials(uploader, push, tmp_path):
     svc, creds = uploader
     corpus = make_corpus(tmp_path / "sstate", n=6, seed=5, big_objects=0)
     home = tmp_path / "home"
@@ -248,7 +260,7 @@ def test_netrc_and_environment_credentials(uploader, tmp_path):
     assert len(access_lines(svc)) == n
 
 
-def test_bad_credentials_permissions_and_urls_fail_early_with_one_line(service_factory, tmp_path):
+def test_bad_credentials_permissions_and_urls_fail_early_with_one_line(service_factory, push, tmp_path):
     svc = service_factory(config={"server": {"mirror_prefix": "/sstate/"}})
     uploader_token = add_user(svc, "ci-uploader", "@read,@upload")
     reader_token = add_user(svc, "reader", "@read")

@@ -8,24 +8,44 @@ import concurrent.futures
 import http.client
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
+from dataclasses import dataclass
+
+import pytest
 
 from tests.corpus import make_corpus, pkgspec
 from tests.service import free_port
-from tests.test_push import CLEAN_ENV, push
+from tests.test_push import CLEAN_ENV, push  # noqa: F401 - the fixture
 from tests.test_upload import add_user, make_archive
 
 
-def stats(*args: str, env: dict | None = None, cwd: Path) -> subprocess.CompletedProcess:
-    base = {k: v for k, v in os.environ.items() if k not in CLEAN_ENV}
-    base.update(HOME=str(cwd), PYTHONPATH=str(Path(__file__).resolve().parent.parent))
-    return subprocess.run([sys.executable, "-m", "proxy.cli", "stats", *args], env={**base, **(env or {})},
-                          capture_output=True, text=True, timeout=60, cwd=cwd)
+@dataclass
+class Ran:
+    returncode: int
+    stdout: str
+    stderr: str
 
 
-def test_stats_url_matches_the_offline_numbers(service_factory, tmp_path):
+@pytest.fixture
+def stats(monkeypatch, capsys, tmp_path):
+    """Run `sstate-proxy stats ARGS` (the CLI's main, in this process) with ``env`` only."""
+    from proxy import cli
+
+    def run(*args: str, env: dict | None = None) -> Ran:
+        with monkeypatch.context() as m:
+            for name in CLEAN_ENV:
+                m.delenv(name, raising=False)
+            m.setenv("HOME", str(tmp_path))
+            for name, value in (env or {}).items():
+                m.setenv(name, value)
+            capsys.readouterr()
+            code = cli.main(["stats", *args])
+            out, err = capsys.readouterr()
+        return Ran(code, out, err)
+
+    return run
+
+
+def test_stats_url_matches_the_offline_numbers(service_factory, push, stats, tmp_path):  # noqa: F811
     svc = service_factory(args=["--anon-perms", ""])  # anonymous may do nothing
     token = add_user(svc, "ops", "@read,@upload,@report")
     creds = {"SSTATE_PROXY_USER": "ops", "SSTATE_PROXY_TOKEN": token}
@@ -47,9 +67,9 @@ def test_stats_url_matches_the_offline_numbers(service_factory, tmp_path):
                     "owner": "ci"}
             assert _call(svc.port, "POST", "/v1/equivalent", creds, json.dumps(body).encode())[0] == 200
 
-    remote = stats("--url", svc.url, env=creds, cwd=tmp_path)
+    remote = stats("--url", svc.url, env=creds)
     assert remote.returncode == 0, remote.stderr
-    offline = stats("--config", str(svc.config_path), cwd=tmp_path)
+    offline = stats("--config", str(svc.config_path))
     assert offline.returncode == 0, offline.stderr
     assert remote.stdout == offline.stdout
     numbers = json.loads(remote.stdout)
@@ -65,12 +85,12 @@ def test_stats_url_matches_the_offline_numbers(service_factory, tmp_path):
     assert all(status == 200 and json.loads(body) == numbers for status, body in answers)
 
     # @read is needed
-    denied = stats("--url", svc.url, cwd=tmp_path)
+    denied = stats("--url", svc.url)
     assert denied.returncode == 1 and "401" in denied.stderr and "anonymous" in denied.stderr
     assert len(denied.stderr.strip().splitlines()) == 1
-    wrong = stats("--url", svc.url, env={**creds, "SSTATE_PROXY_TOKEN": "nope"}, cwd=tmp_path)
+    wrong = stats("--url", svc.url, env={**creds, "SSTATE_PROXY_TOKEN": "nope"})
     assert wrong.returncode == 1 and "401" in wrong.stderr and "'ops'" in wrong.stderr
-    nobody = stats("--url", f"http://127.0.0.1:{free_port()}", cwd=tmp_path)
+    nobody = stats("--url", f"http://127.0.0.1:{free_port()}")
     assert nobody.returncode == 1 and "cannot connect" in nobody.stderr
 
 
