@@ -29,6 +29,8 @@ from proxy.mirror import SENT_KEY, Mirror
 from proxy.reports import Reporter
 from proxy.resolver import Resolver
 from proxy.services import SERVICES, Services
+from proxy.stats import PATH as STATS_PATH
+from proxy.stats import StatsEndpoint
 from proxy.uploads import Uploads
 from proxy.upstream_hashserv import UpstreamHashserv
 from storage import open_store
@@ -319,6 +321,7 @@ def build_app(cfg: Config, *, skip_listeners: bool = False, hashserv_sock=None,
     r.add_get("/metrics", metrics)
     r.add_get("/v1/equivalent", equiv_get)
     r.add_post("/v1/equivalent", equiv_post)
+    r.add_get(STATS_PATH, StatsEndpoint().handle)
     r.add_get("/ws", websocket)
     r.add_route("*", cfg.server.mirror_prefix + "{tail:.*}", objects, expect_handler=expect_continue)
     return app
