@@ -256,6 +256,8 @@ def load(path: str | None = None, overrides: dict[str, Any] | None = None,
             raise ConfigError(f"config: file {path!r} not found") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config: {path}: not valid TOML: {e}") from None
+        except UnicodeDecodeError as e:  # TOML is UTF-8
+            raise ConfigError(f"config: {path}: not valid TOML: not UTF-8 at byte {e.start}") from None
         except OSError as e:
             raise ConfigError(f"config: cannot read {path!r}: {e.strerror}") from None
     for env, (section, key) in ENV_KEYS.items():
