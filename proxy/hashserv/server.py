@@ -424,7 +424,7 @@ class Connection:
         async def mark_line(line: str) -> str:
             try:
                 d = loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise InvokeError(f"Could not decode JSONL input '{line}'") from None
             if type(d) is not dict:
                 raise ProtocolError("gc-mark-stream line is not an object")
