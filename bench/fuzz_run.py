@@ -50,7 +50,8 @@ sys.path.insert(0, str(REPO))
 from tests.service import Service, free_port  # noqa: E402
 
 ADMIN = ("admin", "fuzz-admin-token")
-OBJECT_KEY = "fuzz/known-object.bin"
+OBJECT_KEY = "fuzz/known-object.bin"  # fuzzed (an @all user may even DELETE it)
+UNTOUCHED_KEY = "kept/untouched.bin"  # never named by the run: the valid GET after it
 OBJECT = os.urandom(64 * 1024)
 MAX_UPLOAD = 256 * 1024
 MAX_BODY = 64 * 1024
@@ -308,6 +309,7 @@ class Tally:
     sent: collections.Counter = field(default_factory=collections.Counter)
     answers: dict[str, collections.Counter] = field(default_factory=lambda: collections.defaultdict(collections.Counter))
     findings: list[str] = field(default_factory=list)
+    unanswered: list[str] = field(default_factory=list)  # HTTP requests closed without an answer
 
     def finding(self, text: str) -> None:
         if len(self.findings) < 50:
@@ -375,6 +377,8 @@ async def send_raw(req: Req, open_conn, tally: Tally) -> None:
             tally.finding(f"{req.face}: {status} for {req.data[:300]!r} -> {reply[:300]!r}")
     elif http:
         tally.answers[req.face]["closed without an answer"] += 1
+        if len(tally.unanswered) < 20:
+            tally.unanswered.append(repr(req.data[:400]))
     else:
         tally.answers[req.face]["closed" if b"invoke-error" not in reply else "invoke-error, closed"] += 1
 
@@ -427,9 +431,9 @@ async def valid_requests(svc: Service, tcp: tuple[str, int], unix: str) -> list[
     bad = []
     auth = {"Authorization": "Basic " + base64.b64encode(f"{ADMIN[0]}:{ADMIN[1]}".encode()).decode()}
     async with aiohttp.ClientSession() as s:
-        async with s.get(f"{svc.url}/{OBJECT_KEY}") as r:
-            if r.status != 200 or await r.read() != OBJECT:
-                bad.append(f"GET of the known object: {r.status}")
+        async with s.get(f"{svc.url}/{UNTOUCHED_KEY}", headers={"Range": "bytes=10-"}) as r:
+            if r.status != 206 or await r.read() != OBJECT[10:]:
+                bad.append(f"GET of an object the run left alone: {r.status}")
         t, o, u = hashlib.sha256(b"t").hexdigest(), hashlib.sha256(b"o").hexdigest(), hashlib.sha256(b"u").hexdigest()
         async with s.post(f"{svc.url}/v1/equivalent", headers=auth,
                           json={"taskhash": t, "method": "Fuzz", "outhash": o, "unihash": u}) as r:
@@ -464,6 +468,8 @@ async def run(args: argparse.Namespace, work: Path) -> int:
     store = root / "store"
     (store / "fuzz").mkdir(parents=True)
     (store / OBJECT_KEY).write_bytes(OBJECT)
+    (store / "kept").mkdir()
+    (store / UNTOUCHED_KEY).write_bytes(OBJECT)
     skip = {store}
     before = snapshot(root, skip)
 
@@ -540,7 +546,7 @@ async def run(args: argparse.Namespace, work: Path) -> int:
     report(args, tally, elapsed, len(before))
     if args.json:
         Path(args.json).write_text(json.dumps({"sent": tally.sent, "answers": tally.answers, "findings": tally.findings,
-                                               "seconds": round(elapsed, 1)}, indent=1))
+                                               "unanswered": tally.unanswered, "seconds": round(elapsed, 1)}, indent=1))
     return 0 if ok else 1
 
 
