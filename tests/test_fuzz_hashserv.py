@@ -80,7 +80,7 @@ def drain(sock: socket.socket) -> None:
     try:
         while sock.recv(65536):
             pass
-    except (TimeoutError, ConnectionError):
+    except OSError:  # timeout, reset
         pass
 
 
@@ -98,8 +98,8 @@ def test_malformed_tcp_frames(svc, handshake, lines, tail):
         try:
             sock.sendall(data + tail)
             sock.shutdown(socket.SHUT_WR)
-        except ConnectionError:
-            pass  # closed on us mid-send: fine
+        except OSError:
+            pass  # closed on us mid-send (reset, or not connected any more): fine
         drain(sock)
     still_serving(svc)
 
@@ -110,9 +110,9 @@ def test_random_bytes_over_tcp(svc, data):
     with socket.create_connection(svc.tcp, timeout=10) as sock:
         try:
             sock.sendall(HANDSHAKE + data)
-        except ConnectionError:
-            pass
-        sock.shutdown(socket.SHUT_WR)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # closed on us mid-send: fine
         drain(sock)
     still_serving(svc)
 
@@ -132,7 +132,7 @@ def test_malformed_websocket_frames(svc, handshake, frames):
             for frame in frames:
                 ws.send(frame)
             # leaving the block closes the connection (the server must follow within close_timeout)
-    except (ConnectionClosed, InvalidMessage, ConnectionError):
+    except (ConnectionClosed, InvalidMessage, OSError):
         pass  # the server closed: that is the answer to malformed input
     still_serving(svc)
     with ws_connect(svc.ws, open_timeout=10) as ws:  # and websocket still works
