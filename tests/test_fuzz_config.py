@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from proxy.config import Config, ConfigError, load
 
-FUZZ = settings(max_examples=300, deadline=None,
+FUZZ = settings(max_examples=200, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 ENVIRON = {"SSTATE_PROXY_ADMIN_USER": "admin", "SSTATE_PROXY_ADMIN_TOKEN": "token"}
 

@@ -20,7 +20,7 @@ from proxy.mirror import NO_BODY, RangeNotSatisfiable, parse_range, plan, precon
 from storage import Meta
 from tests.service import Service
 
-PURE = settings(max_examples=400, deadline=None)
+PURE = settings(max_examples=250, deadline=None)
 OVER_HTTP = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 ADMIN = ("admin", "admin-token-for-fuzz")
 OBJECT_KEY = "fuzz/object.bin"

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from proxy import names
 
-FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 ROOT = "/srv/sstate-root"
 
 # Path pieces a hostile client would try, mixed with arbitrary text.

@@ -140,12 +140,14 @@ async def test_bitbake_set_user_perms_and_cli_grant_task_data(svc):
         reader2 = await connect(addr, *svc.users["reader"])  # a fresh login reads the new permissions
         assert (await reader2.get_taskhash(M, t, True))["PN"] == "secret-recipe"
         await reader2.close()
-        # and taken away with the CLI; the service's login cache drops it within its TTL, so the
-        # check is made on a fresh process's view: the users table
-        cli(svc, "user", "perms", "reader", "@read")
-        assert "reader\t@read" in cli(svc, "user", "list").splitlines()
-        cli(svc, "user", "perms", "reader", "@read,@task-data")
-        assert "reader\t@read @task-data" in cli(svc, "user", "list").splitlines()
+        # and granted with the CLI too (to a user who has not got it: checked in the users table,
+        # as the service's login cache only notices within its TTL)
+        janitor = (await admin.new_user("janitor", ["@read"]))["token"]
+        cli(svc, "user", "perms", "janitor", "@read,@task-data")
+        assert "janitor\t@read @task-data" in cli(svc, "user", "list").splitlines()
+        j = await connect(addr, "janitor", janitor)  # a first login: no cached permissions
+        assert (await j.get_taskhash(M, t, True))["PN"] == "secret-recipe"
+        await j.close()
         # @all shows bitbake's list; @task-data is implied, not listed (bitbake's clients expect it)
         assert (await admin.get_user("admin"))["permissions"] == ["@all", "@db-admin", "@read", "@report",
                                                                   "@user-admin"]
