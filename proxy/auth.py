@@ -180,7 +180,8 @@ def visible_row(identity: Identity | None, row: dict[str, Any] | None) -> dict[s
     """``row`` as ``identity`` may see it: task-data columns present in it become None (the row
     keeps bitbake's shape: a client reading ``row["PN"]`` gets null, not a KeyError). Every face
     that answers with a reported row goes through this."""
-    if row is None or sees_task_data(identity, row.get("owner")):
+    # a mapping-only row (get without all: the hot path) has none of the columns: no copy
+    if row is None or row.keys().isdisjoint(TASK_DATA_COLUMNS) or sees_task_data(identity, row.get("owner")):
         return row
     return {k: (None if k in TASK_DATA_COLUMNS else v) for k, v in row.items()}
 
