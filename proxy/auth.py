@@ -149,7 +149,8 @@ def display_permissions(perms: Iterable[str]) -> list[str]:
 
 
 def parse_anon_perms(perms: Iterable[str]) -> frozenset[str]:
-    """Anonymous permissions from config/CLI; refuses ``@all``/``@user-admin`` like bitbake."""
+    """Anonymous permissions from config/CLI; refuses ``@all``/``@user-admin`` like bitbake, and
+    ``@task-data`` (task data is never shown to anonymous clients)."""
     out = set()
     for p in perms:
         if p == NONE_PERM:
