@@ -21,7 +21,13 @@ from aiohttp.abc import AbstractAccessLogger
 from proxy.auth import Auth
 from proxy.config import Config
 from proxy.equiv_api import EquivalenceAPI
-from proxy.errors import error_middleware, new_request_id, on_response_prepare, response_for
+from proxy.errors import (
+    MalformedRequestFilter,
+    error_middleware,
+    new_request_id,
+    on_response_prepare,
+    response_for,
+)
 from proxy.hashserv.service import HashservService
 from proxy.http_auth import USER_KEY, require
 from proxy.metrics import Metrics
@@ -347,5 +353,6 @@ def setup_logging(cfg: Config) -> None:
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s"))
     logging.basicConfig(level=getattr(logging, cfg.server.log_level.upper()), handlers=[handler], force=True)
+    logging.getLogger("aiohttp.server").addFilter(MalformedRequestFilter())
     # The access log has its own switch: quiet logs (log_level WARNING) still log requests.
     access_log.setLevel(logging.INFO if cfg.server.access_log else logging.WARNING)

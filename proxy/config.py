@@ -212,7 +212,7 @@ def validate(cfg: Config) -> Config:
 def split_bind(key: str, bind: str, any_host: str | None = "0.0.0.0") -> tuple[str | None, int]:
     """`host:port` or `[v6]:port` -> (host, port); an empty host is ``any_host``."""
     host, sep, port = bind.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:  # "²" isdigit()
         raise ConfigError(f"{key}: must be host:port, not {bind!r}")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
@@ -256,11 +256,16 @@ def load(path: str | None = None, overrides: dict[str, Any] | None = None,
             raise ConfigError(f"config: file {path!r} not found") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config: {path}: not valid TOML: {e}") from None
+        except UnicodeDecodeError as e:  # TOML is UTF-8
+            raise ConfigError(f"config: {path}: not valid TOML: not UTF-8 at byte {e.start}") from None
         except OSError as e:
             raise ConfigError(f"config: cannot read {path!r}: {e.strerror}") from None
     for env, (section, key) in ENV_KEYS.items():
         if environ.get(env):
-            data.setdefault(section, {})[key] = environ[env]
+            table = data.setdefault(section, {})
+            if not isinstance(table, dict):  # e.g. `auth = false`: say so, not a TypeError
+                raise ConfigError(f"{section}: must be a table")
+            table[key] = environ[env]
     for dotted, value in (overrides or {}).items():
         if value is None:
             continue

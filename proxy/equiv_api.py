@@ -77,6 +77,8 @@ class EquivalenceAPI:
             data = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
             raise _bad("body is not valid JSON") from None
+        except RecursionError:  # nesting deeper than the parser's stack: a 400, not a 500
+            raise _bad("body is nested too deeply") from None
         if not isinstance(data, dict):
             raise _bad("body must be a JSON object")
         row = {
