@@ -185,7 +185,7 @@ def tls_context(cfg: Config):
 
 
 LINGER_S = 10.0  # aiohttp's default lingering_time
-FINISH_WRITE_S = 2.0
+FINISH_WRITE_S = 1.0
 
 
 async def run_worker(cfg: Config, worker: int, sock: socket.socket,
@@ -202,7 +202,8 @@ async def run_worker(cfg: Config, worker: int, sock: socket.socket,
         # the rest of a body already answered (408, 413, ...) is read and dropped for at most
         # this long before the connection closes; a stalled one need not be waited for longer
         lingering_time=min(LINGER_S, cfg.limits.body_timeout_s),
-        # after our own drain (below): how long answers already given get to be written
+        # after our own drain (below): how long answers already given get to be written before
+        # what is still running is cancelled
         shutdown_timeout=FINISH_WRITE_S,
     )
     await runner.setup()
@@ -228,7 +229,7 @@ async def run_worker(cfg: Config, worker: int, sock: socket.socket,
     # OEHASHEQUIV connections (raw and websocket) never end by themselves: closed first
     await app[SERVICES].hashserv.stop()
     await app[LIMITS].drain(grace)  # requests in flight finish; new ones get 503
-    await runner.cleanup()  # closes every connection, cutting what is still running
+    await runner.cleanup()  # closes every connection; cancels what still runs (FINISH_WRITE_S)
 
 
 def serve(cfg: Config) -> int:

@@ -148,9 +148,9 @@ class ConnectionLimits:
         transport.close()
 
     async def drain(self, grace_s: float) -> bool:
-        """Wait (at most ``grace_s``) until no request is in the handlers; True if none is,
-        else the connections of those still there are cut. From now on new requests are
-        refused (503)."""
+        """Wait (at most ``grace_s``) until no request is in the handlers; True if none is.
+        From now on new requests are refused (503). (The runner's cleanup then cancels what is
+        still running.)"""
         self.draining = True
         if self.busy == 0:
             return True
@@ -158,11 +158,7 @@ class ConnectionLimits:
             async with asyncio.timeout(grace_s):
                 await self.idle.wait()
         except TimeoutError:
-            log.warning("%d requests still in flight after the %gs grace period: cutting them",
-                        self.busy, grace_s)
-            for guard in list(self.open.values()):
-                if guard.busy and guard.transport is not None:
-                    guard.transport.abort()
+            log.warning("%d requests still in flight after the %gs grace period", self.busy, grace_s)
             return False
         return True
 

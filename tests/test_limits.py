@@ -294,7 +294,7 @@ def test_sigterm_drains_requests_in_flight_and_refuses_new_ones(tmp_path, worker
         idle.sendall(request("GET", "/healthz"))
         assert response(idle)[0] == 200
         getter = socket.socket()
-        getter.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        getter.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)  # the body stays in flight
         getter.settimeout(10)
         getter.connect(("127.0.0.1", service.port))
         getter.sendall(request("GET", "/" + quote(large)))
@@ -311,9 +311,13 @@ def test_sigterm_drains_requests_in_flight_and_refuses_new_ones(tmp_path, worker
                 break
             assert time.monotonic() < deadline, "still accepting after SIGTERM"
             time.sleep(0.05)
-        idle.sendall(request("GET", "/healthz"))  # a new request during the drain
-        status, headers, _ = response_head(idle)
-        assert status == 503 and headers["retry-after"] and headers["connection"] == "close"
+        idle.sendall(request("GET", "/healthz"))  # a new request during the drain is refused:
+        if workers == 1:
+            status, headers, _ = response_head(idle)
+            assert status == 503 and headers["retry-after"] and headers["connection"] == "close"
+        # (with several workers, the idle connection's worker may have had nothing in flight
+        # and be gone already, its connections closed)
+        assert seconds_until_closed(idle) < SLACK_S
         putter.sendall(upload[100_000:])  # the upload in flight completes...
         assert response(putter)[0] == 201
         while chunk := getter.recv(1 << 20):  # ...and so does the download
@@ -339,6 +343,7 @@ def test_the_grace_period_bounds_the_drain(tmp_path):
         t0 = time.monotonic()
         service.proc.send_signal(signal.SIGTERM)
         assert service.proc.wait(10) == 0
-        assert grace * 0.8 <= time.monotonic() - t0 <= grace + 2 * SLACK_S
+        # the grace, then a second for answers already given, then what runs is cancelled
+        assert grace * 0.8 <= time.monotonic() - t0 <= grace + 1 + 2 * SLACK_S
         assert seconds_until_closed(stuck) < SLACK_S
     assert stored_files(service.storage) == []
