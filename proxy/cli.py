@@ -344,6 +344,7 @@ def supervise(cfg: Config, sock: socket.socket, hashserv_sock: socket.socket | N
             continue
         time.sleep(0.5)
         spawn(worker)
+    signal.alarm(0)
     return 0
 
 

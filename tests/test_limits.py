@@ -276,6 +276,23 @@ def test_too_many_connections_are_refused_while_the_others_work(tmp_path):
         assert "max_connections" in service.read_log()
 
 
+def test_too_many_raw_hashserv_connections_are_refused(tmp_path):
+    hs_port = free_port()
+    service = Service(tmp_path / "svc", config={
+        "limits": {"max_hashserv_connections": 2},
+        "hashserv": {"bind": f"127.0.0.1:{hs_port}"},
+    })
+    with service:
+        held = [connect(hs_port) for _ in range(2)]
+        for s in held:
+            s.sendall(b'OEHASHEQUIV 1.1\n\n{"ping": {}}\n')
+            assert s.recv(1000) == b'{"alive": true}\n'
+        assert seconds_until_closed(connect(hs_port)) < SLACK_S
+        for s in held:
+            s.sendall(b'{"ping": {}}\n')
+            assert s.recv(1000) == b'{"alive": true}\n'
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_sigterm_drains_requests_in_flight_and_refuses_new_ones(tmp_path, workers):
     service = Service(tmp_path / "svc", args=["--workers", str(workers)], config={
