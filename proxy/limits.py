@@ -99,8 +99,7 @@ class _Guard(asyncio.Protocol):
         self.timer = None
         if self.busy or self.transport is None or self.transport.is_closing():
             return
-        self.limits.head_timeouts += 1
-        log.info("closing %s: no complete request head within %gs",
+        log.debug("closing %s: no complete request head within %gs",
                  self.transport.get_extra_info("peername"), self.limits.header_timeout_s)
         self.transport.close()
 
@@ -120,7 +119,8 @@ class _Guard(asyncio.Protocol):
 
 
 class ConnectionLimits:
-    """The connection cap and the request-head deadline of one worker's HTTP listener."""
+    """The connection cap, the request-head deadline and the drain of one worker's HTTP
+    listener."""
 
     def __init__(self, max_connections: int, header_timeout_s: float) -> None:
         self.max_connections = max_connections
@@ -130,7 +130,6 @@ class ConnectionLimits:
         self.draining = False
         self.idle = asyncio.Event()  # set when draining and no request is in the handlers
         self.refused = 0  # connections closed at once because of the cap
-        self.head_timeouts = 0  # connections closed for want of a request head
         self._last_warning = 0.0
 
     def protocol_factory(self, make: Callable[[], asyncio.BaseProtocol]) -> Callable[[], asyncio.Protocol]:

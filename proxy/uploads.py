@@ -4,9 +4,9 @@ PUT (``@upload``): the body must carry ``Content-Length`` (411 without it; chunk
 refused the same way), at most ``[limits] max_upload_bytes`` (413 before reading a byte), and is
 verified against the optional ``Digest: sha-256=<b64>`` / ``md5=<b64>`` (RFC 3230) and
 ``Content-MD5`` headers (400, nothing stored). A body that sends nothing for ``[limits]
-body_timeout_s`` is cut: 408, the connection closed, nothing stored. The store writes atomically (temp file + link on
-disk, conditional write on S3), so a client that vanishes mid-body, a bad digest or a server
-killed mid-upload never leaves a partial object. ``201`` when the name is new, ``200`` when it
+body_timeout_s`` is cut: 408, the connection closed, nothing stored. The store writes
+atomically (temp file + link on disk, conditional write on S3), so a client that vanishes
+mid-body, a bad digest or a server killed mid-upload never leaves a partial object. ``201`` when the name is new, ``200`` when it
 exists already (first write wins, as in hashserv: the new body is discarded and logged).
 
 DELETE (``@db-admin``): ``204``, or ``404`` when the name is not stored.
@@ -152,8 +152,8 @@ class Uploads:
         if await self.store.stat(key) is not None:
             return await self._exists(request, key, ident.username)
         try:
-            result = await self.store.put(key, _body(request, self.body_timeout_s), size=length, md5=md5, sha256=sha,
-                                          max_size=self.max_upload)
+            result = await self.store.put(key, _body(request, self.body_timeout_s), size=length,
+                                          md5=md5, sha256=sha, max_size=self.max_upload)
         except DigestMismatch as e:
             self.metrics.upload("mismatch")
             log.warning("upload of %s by %s refused: %s", key, ident.username, e)
