@@ -100,7 +100,7 @@ class _Guard(asyncio.Protocol):
         if self.busy or self.transport is None or self.transport.is_closing():
             return
         log.debug("closing %s: no complete request head within %gs",
-                 self.transport.get_extra_info("peername"), self.limits.header_timeout_s)
+                  self.transport.get_extra_info("peername"), self.limits.header_timeout_s)
         self.transport.close()
 
     def request_started(self) -> None:
