@@ -30,6 +30,7 @@ from proxy.errors import (
 )
 from proxy.hashserv.service import HashservService
 from proxy.http_auth import USER_KEY, require
+from proxy.limits import LIMITS, ConnectionLimits
 from proxy.metrics import Metrics
 from proxy.mirror import SENT_KEY, Mirror
 from proxy.reports import Reporter
@@ -194,7 +195,7 @@ async def _startup(app: web.Application) -> None:
         await hashserv.start(sock=options["hashserv_sock"])
     mirror = Mirror(store, resolver, auth, metrics, cfg.server.mirror_prefix)
     uploads = Uploads(mirror, max_upload_bytes=cfg.limits.max_upload_bytes,
-                      read_only=cfg.hashserv.read_only)
+                      read_only=cfg.hashserv.read_only, body_timeout_s=cfg.limits.body_timeout_s)
     equiv = EquivalenceAPI(reporter, auth, metrics, cfg.limits.max_request_body_bytes)
     app[SERVICES] = Services(store=store, db=db, auth=auth, resolver=resolver, reporter=reporter,
                              hashserv=hashserv, mirror=mirror, uploads=uploads, equiv=equiv,
@@ -220,11 +221,15 @@ def build_app(cfg: Config, *, skip_listeners: bool = False, hashserv_sock=None,
     ``hashserv_sock``: serve the raw hashserv protocol on this listening socket, bound by the
     supervisor before it forked (workers share it) instead of binding ``[hashserv] bind``;
     ``housekeeping``: this process does the store's once-per-deployment chores (one worker)."""
+    # The connection cap, the request-head deadline and the drain; proxy.cli serves the
+    # listening socket through its protocol_factory (without it the middleware does nothing).
+    limits = ConnectionLimits(cfg.limits.max_connections, cfg.limits.header_timeout_s)
     app = web.Application(
-        middlewares=[error_middleware],
+        middlewares=[limits.middleware, error_middleware],
         client_max_size=cfg.limits.max_request_body_bytes,
     )
     app[CONFIG] = cfg
+    app[LIMITS] = limits
     app[METRICS] = Metrics()
     app[STARTUP_OPTIONS] = {"skip_listeners": skip_listeners, "hashserv_sock": hashserv_sock,
                             "housekeeping": housekeeping}

@@ -33,6 +33,8 @@ class ServerConfig:
     tls_key: str = ""
     # Peers (addresses or networks) whose X-Forwarded-For names the client in the access log.
     trusted_proxies: tuple[str, ...] = ()
+    # SIGTERM: seconds requests in flight get to finish before their connections are cut.
+    shutdown_grace_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,10 @@ class LimitsConfig:
     max_request_body_bytes: int = 1024 * 1024  # JSON bodies (/v1/equivalent)
     max_message_bytes: int = 1024 * 1024  # hashserv messages
     max_hashserv_connections: int = 4096  # per worker, raw tcp/unix hashserv clients
+    max_connections: int = 4096  # per worker, HTTP (websocket hashserv clients included)
+    header_timeout_s: float = 30.0  # a request head (or hashserv handshake) must arrive within
+    idle_timeout_s: float = 60.0  # an idle keep-alive HTTP connection is closed after
+    body_timeout_s: float = 60.0  # a request body that sends nothing for this long is cut (408)
 
 
 @dataclass(frozen=True)
@@ -201,9 +207,14 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("auth.admin_token: admin_user and admin_token must be given together")
     lim = cfg.limits
     for name in ("max_upload_bytes", "max_request_body_bytes", "max_message_bytes",
-                 "max_hashserv_connections"):
+                 "max_hashserv_connections", "max_connections"):
         if getattr(lim, name) < 1:
             raise ConfigError(f"limits.{name}: must be positive")
+    for name in ("header_timeout_s", "idle_timeout_s", "body_timeout_s"):
+        if not 0 < getattr(lim, name) <= 86400:
+            raise ConfigError(f"limits.{name}: must be more than 0 and at most 86400 seconds")
+    if not 0 <= s.shutdown_grace_s <= 3600:
+        raise ConfigError("server.shutdown_grace_s: must be between 0 and 3600 seconds")
     if cfg.upstream.mirrors:
         raise ConfigError("upstream.mirrors: pull-through mirrors are not implemented yet; leave it empty")
     return replace(cfg, hashserv=replace(h, anon_perms=anon))

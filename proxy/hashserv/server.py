@@ -165,7 +165,13 @@ class Connection:
     async def run(self) -> None:
         io = self.io
         try:
-            await self._handshake()
+            # a client that never completes its handshake holds nothing for long; an idle one
+            # after it is never cut (bitbake keeps its connection for a whole build)
+            try:
+                async with asyncio.timeout(self.service.handshake_timeout_s):
+                    await self._handshake()
+            except TimeoutError:
+                raise ProtocolError(f"no handshake within {self.service.handshake_timeout_s:g}s") from None
             table = self.table
             while True:
                 msg = await io.recv_message()
