@@ -196,7 +196,8 @@ async def _startup(app: web.Application) -> None:
     mirror = Mirror(store, resolver, auth, metrics, cfg.server.mirror_prefix)
     uploads = Uploads(mirror, max_upload_bytes=cfg.limits.max_upload_bytes,
                       read_only=cfg.hashserv.read_only, body_timeout_s=cfg.limits.body_timeout_s)
-    equiv = EquivalenceAPI(reporter, auth, metrics, cfg.limits.max_request_body_bytes)
+    equiv = EquivalenceAPI(reporter, auth, metrics, cfg.limits.max_request_body_bytes,
+                           body_timeout_s=cfg.limits.body_timeout_s)
     app[SERVICES] = Services(store=store, db=db, auth=auth, resolver=resolver, reporter=reporter,
                              hashserv=hashserv, mirror=mirror, uploads=uploads, equiv=equiv,
                              metrics=metrics)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import os
 import random
 import signal
@@ -204,6 +205,23 @@ def test_a_slow_but_steady_body_is_not_cut(limited):
     assert time.monotonic() - t0 > BODY_S * 2
     assert response(s)[0] == 201
     assert (limited.storage / key).read_bytes() == data
+
+
+def test_a_report_body_in_pieces_is_read_whole_and_a_stalled_one_cut(limited):
+    body = json.dumps({"method": "m.pieces", "taskhash": "a1" * 32, "outhash": "b2" * 32,
+                       "unihash": "c3" * 32, "owner": "t"}).encode()
+    head = (f"POST /v1/equivalent HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    s = connect(limited.port)
+    s.sendall(head + body[:20])
+    time.sleep(BODY_S * 0.5)  # the rest comes later, within the stall bound
+    s.sendall(body[20:])
+    status, answer = response(s)
+    assert status == 200 and json.loads(answer)["unihash"] == "c3" * 32
+    s = connect(limited.port)
+    s.sendall(head + body[:20])  # and never the rest
+    status, _, _ = response_head(s)
+    assert status == 408
 
 
 async def test_hashserv_handshake_deadline_but_idle_clients_stay(limited):
