@@ -13,7 +13,7 @@ parts. Writes are answered after their commit.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -46,6 +46,17 @@ class User:
     username: str
     token_hash: str  # "sha256:<salt>:<hex>" as bitbake stores it
     permissions: tuple[str, ...]  # raw stored permissions, e.g. ("@all",)
+
+
+@dataclass(frozen=True, slots=True)
+class TrafficRow:
+    """Requests (and body bytes) of one source in one time bucket (``sstate_proxy_traffic``)."""
+
+    bucket: int  # unix seconds at the bucket's start
+    source: str  # hit | equivalent | upstream | miss | report
+    recipe: str  # the PN of missed objects ('' in totals and for every other source)
+    requests: int
+    bytes: int
 
 
 class DatabaseUnavailable(Exception):
@@ -188,6 +199,25 @@ class EquivalenceDB(Protocol):
     async def dedup_stats(self) -> dict[str, int]:
         """{"objects": recorded keys, "unique": distinct stored archives, "bytes_saved": bytes of
         the aliases (not stored)}."""
+
+    # --- traffic history (the dashboard; sstate-proxy's own table, NOT hash equivalence) --------
+    # Rows live in ``sstate_proxy_traffic`` (proxy.traffic is their only writer). Its writes do
+    # not move ``generation()`` on PostgreSQL (no notify trigger).
+    async def add_traffic(self, rows: Sequence[TrafficRow]) -> None:
+        """Add each row's requests and bytes to the stored row of its (bucket, source, recipe),
+        creating it when new, in one transaction (several workers and replicas add to one
+        bucket)."""
+
+    async def traffic_series(self, since: int) -> list[TrafficRow]:
+        """Per bucket and source from bucket ``since`` on, summed over recipes (recipe ''),
+        ordered by bucket then source. Empty on a database without the table (read-only)."""
+
+    async def top_missed_recipes(self, since: int, limit: int) -> list[tuple[str, int]]:
+        """(recipe, misses) of the ``limit`` recipes with the most misses from bucket ``since``
+        on, most first (ties by name); misses of names without a recipe ('') left out."""
+
+    async def prune_traffic(self, before: int) -> int:
+        """Delete the buckets older than ``before``; the number of rows deleted."""
 
 
 def open_equivalence_db(url: str, *, read_only: bool = False, pool_size: int | None = None) -> EquivalenceDB:

@@ -119,10 +119,17 @@ def _pg_notify_triggers() -> tuple[str, ...]:
     return tuple(out)
 
 
+# --- 4: traffic history (the dashboard's requests over time) ---------------------------------------
+# (3 is the object catalog's, on its own branch.)
+def _sqlite_traffic(conn: sqlite3.Connection) -> None:
+    conn.execute(schema.create_table(schema.TRAFFIC))
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "bitbake-hashserv schema and sstate_proxy_archives", sqlite=_sqlite_base, postgres=_PG_BASE),
     # SQLite needs nothing: `PRAGMA data_version` already moves on every commit by anyone.
     Migration(2, "change notifications for generation()", sqlite=None, postgres=_pg_notify_triggers()),
+    Migration(4, "traffic history", sqlite=_sqlite_traffic, postgres=(schema.pg_create_table(schema.TRAFFIC),)),
 )
 
 LATEST = MIGRATIONS[-1].version

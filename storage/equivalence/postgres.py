@@ -55,7 +55,7 @@ import asyncio
 import contextlib
 import logging
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -69,6 +69,7 @@ from storage.equivalence import (
     DatabaseUnavailable,
     ReadOnlyError,
     Row,
+    TrafficRow,
     User,
     migrations,
     schema,
@@ -776,6 +777,53 @@ class PostgresEquivalenceDB:
         if r is None:
             return {"objects": 0, "unique": 0, "bytes_saved": 0}
         return {"objects": int(r[0]), "unique": int(r[1]), "bytes_saved": int(r[2])}
+
+    # --- traffic history ------------------------------------------------------------------------
+    async def add_traffic(self, rows: Sequence[TrafficRow]) -> None:
+        if not rows:
+            return
+        # One statement for the batch: a key may appear once in it (merged here), and sorted
+        # so that two replicas adding to the same buckets take the row locks in one order.
+        merged: dict[tuple[int, str, str], list[int]] = {}
+        for r in rows:
+            acc = merged.setdefault((r.bucket, r.source, r.recipe), [0, 0])
+            acc[0] += r.requests
+            acc[1] += r.bytes
+        rows = [TrafficRow(*k, n, nb) for k, (n, nb) in sorted(merged.items())]
+        await self._run(lambda c: c.execute(
+            "INSERT INTO sstate_proxy_traffic (bucket, source, recipe, requests, bytes) "
+            "SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[], $5::bigint[]) "
+            "ON CONFLICT (bucket, source, recipe) DO UPDATE SET "
+            "requests = sstate_proxy_traffic.requests + excluded.requests, "
+            "bytes = sstate_proxy_traffic.bytes + excluded.bytes",
+            [r.bucket for r in rows], [r.source for r in rows], [r.recipe for r in rows],
+            [r.requests for r in rows], [r.bytes for r in rows]), write=True)
+
+    async def traffic_series(self, since: int) -> list[TrafficRow]:
+        rows = await self._traffic_read(lambda c: c.fetch(
+            "SELECT bucket, source, SUM(requests), SUM(bytes) FROM sstate_proxy_traffic "
+            "WHERE bucket >= $1 GROUP BY bucket, source ORDER BY bucket, source", since))
+        return [TrafficRow(int(r[0]), r[1], "", int(r[2]), int(r[3])) for r in rows]
+
+    async def top_missed_recipes(self, since: int, limit: int) -> list[tuple[str, int]]:
+        rows = await self._traffic_read(lambda c: c.fetch(
+            "SELECT recipe, SUM(requests) AS n FROM sstate_proxy_traffic "
+            "WHERE source = 'miss' AND recipe != '' AND bucket >= $1 "
+            "GROUP BY recipe ORDER BY n DESC, recipe COLLATE \"C\" LIMIT $2", since, limit))
+        return [(r[0], int(r[1])) for r in rows]
+
+    async def _traffic_read(self, fn: Callable[[asyncpg.Connection], Awaitable[list]]) -> list:
+        """A read of the traffic table; [] on a read-only open of a database that never had it."""
+        try:
+            return await self._run(fn)
+        except asyncpg.UndefinedTableError:
+            if self.read_only:
+                return []
+            raise
+
+    async def prune_traffic(self, before: int) -> int:
+        return _count(await self._run(lambda c: c.execute(
+            "DELETE FROM sstate_proxy_traffic WHERE bucket < $1", before), write=True))
 
     # --- bulk copy (`sstate-proxy db copy`) ----------------------------------------------------
     async def iter_rows(self, table: str, batch: int = 2000) -> AsyncIterator[list[Row]]:

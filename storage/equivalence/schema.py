@@ -94,8 +94,20 @@ MIGRATIONS = Table("sstate_proxy_migrations", (
     Column("applied", "TEXT"),
 ))
 
+# Traffic history (migration 4, proxy.traffic): requests and bytes per time bucket and source
+# (hit, equivalent, upstream, miss, report), summed over every worker and replica; for misses
+# also per recipe (PN; '' for the totals and names without one). Not hash equivalence: its
+# writes do not notify (migrations.NOTIFY_TABLES), and it is not copied by `db copy`.
+TRAFFIC = Table("sstate_proxy_traffic", (
+    Column("bucket", "INTEGER", "NOT NULL"),  # unix seconds at the bucket's start
+    Column("source", "TEXT", "NOT NULL"),
+    Column("recipe", "TEXT", "NOT NULL"),
+    Column("requests", "INTEGER", "NOT NULL"),
+    Column("bytes", "INTEGER", "NOT NULL"),
+), unique=("bucket", "source", "recipe"))
+
 # Tables that are sstate-proxy's own (not hash equivalence): left out of `get_usage`.
-OWN_TABLES = (ARCHIVES.name, MIGRATIONS.name)
+OWN_TABLES = (ARCHIVES.name, MIGRATIONS.name, TRAFFIC.name)
 
 INDEXES = (
     Index("taskhash_lookup_v4", "unihashes_v3", ("method", "taskhash")),

@@ -54,7 +54,7 @@ import logging
 import queue
 import sqlite3
 import threading
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -66,6 +66,7 @@ from storage.equivalence import (
     DatabaseUnavailable,
     ReadOnlyError,
     Row,
+    TrafficRow,
     User,
     migrations,
     schema,
@@ -111,6 +112,13 @@ _UNIHASH_SQL = "SELECT unihash FROM unihashes_v3 WHERE method = ? AND taskhash =
 _INSERT_UNIHASH = (
     "INSERT OR IGNORE INTO unihashes_v3 (method, taskhash, unihash, gc_mark) VALUES "
     "(?, ?, ?, COALESCE((SELECT value FROM config WHERE name = 'gc-mark'), ''))"
+)
+
+
+_ADD_TRAFFIC = (
+    "INSERT INTO sstate_proxy_traffic (bucket, source, recipe, requests, bytes) VALUES (?, ?, ?, ?, ?) "
+    "ON CONFLICT (bucket, source, recipe) DO UPDATE SET requests = requests + excluded.requests, "
+    "bytes = bytes + excluded.bytes"
 )
 
 
@@ -734,6 +742,46 @@ class SqliteEquivalenceDB:
             "COALESCE(SUM(CASE WHEN canonical != key THEN size ELSE 0 END), 0) FROM sstate_proxy_archives")
         assert r is not None
         return {"objects": r[0], "unique": r[1], "bytes_saved": r[2]}
+
+    # --- traffic history ------------------------------------------------------------------------
+    async def add_traffic(self, rows: Sequence[TrafficRow]) -> None:
+        values = [(r.bucket, r.source, r.recipe, r.requests, r.bytes) for r in rows]
+        if values:
+            await self._write(lambda c: c.executemany(_ADD_TRAFFIC, values))
+
+    async def traffic_series(self, since: int) -> list[TrafficRow]:
+        def read(c: sqlite3.Connection) -> list[TrafficRow]:
+            return [TrafficRow(b, s, "", n, nb) for b, s, n, nb in c.execute(
+                "SELECT bucket, source, SUM(requests), SUM(bytes) FROM sstate_proxy_traffic "
+                "WHERE bucket >= ? GROUP BY bucket, source ORDER BY bucket, source", (since,))]
+
+        return await self._traffic_read(read)
+
+    async def top_missed_recipes(self, since: int, limit: int) -> list[tuple[str, int]]:
+        def read(c: sqlite3.Connection) -> list[tuple[str, int]]:
+            return [(r, n) for r, n in c.execute(
+                "SELECT recipe, SUM(requests) AS n FROM sstate_proxy_traffic "
+                "WHERE source = 'miss' AND recipe != '' AND bucket >= ? "
+                "GROUP BY recipe ORDER BY n DESC, recipe LIMIT ?", (since, limit))]
+
+        return await self._traffic_read(read)
+
+    async def _traffic_read(self, fn: Callable[[sqlite3.Connection], list[T]]) -> list[T]:
+        """A read of the traffic table, in a thread (it scans a range); [] on a read-only open
+        of a database that never had it."""
+        def guarded(c: sqlite3.Connection) -> list[T]:
+            try:
+                return fn(c)
+            except sqlite3.OperationalError as exc:
+                if self.read_only and "no such table" in str(exc):
+                    return []
+                raise
+
+        return await self._heavy_read(guarded)
+
+    async def prune_traffic(self, before: int) -> int:
+        return await self._write(lambda c: c.execute(
+            "DELETE FROM sstate_proxy_traffic WHERE bucket < ?", (before,)).rowcount)
 
     # --- bulk copy (`sstate-proxy db copy`) ----------------------------------------------------
     async def iter_rows(self, table: str, batch: int = 2000) -> AsyncIterator[list[Row]]:
