@@ -87,6 +87,14 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class DashboardConfig:
+    # Each worker writes its traffic sums to the database this often (the dashboard lags by it).
+    history_flush_s: float = 10.0
+    # Traffic history older than this is pruned.
+    history_days: int = 14
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -96,6 +104,7 @@ class Config:
     auth: AuthConfig = field(default_factory=AuthConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    dashboard: DashboardConfig = field(default_factory=DashboardConfig)
 
 
 # --- validation helpers -------------------------------------------------------------------
@@ -204,6 +213,10 @@ def validate(cfg: Config) -> Config:
                  "max_hashserv_connections"):
         if getattr(lim, name) < 1:
             raise ConfigError(f"limits.{name}: must be positive")
+    if not 0.1 <= cfg.dashboard.history_flush_s <= 3600:
+        raise ConfigError("dashboard.history_flush_s: must be between 0.1 and 3600 seconds")
+    if cfg.dashboard.history_days < 1:
+        raise ConfigError("dashboard.history_days: must be at least 1")
     if cfg.upstream.mirrors:
         raise ConfigError("upstream.mirrors: pull-through mirrors are not implemented yet; leave it empty")
     return replace(cfg, hashserv=replace(h, anon_perms=anon))

@@ -15,10 +15,14 @@ the increment itself).
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.multiprocess import MultiProcessCollector
+
+if TYPE_CHECKING:
+    from proxy.traffic import TrafficRecorder
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -73,6 +77,8 @@ class Metrics:
         self._messages: dict[tuple[str, str], Counter] = {}
         self._lines: dict[tuple[str, str], Counter] = {}
         self._latency = {face: self.latency.labels(face) for face in FACES}
+        # The traffic history (set once the database is open): reports counted here, on every face.
+        self.traffic: TrafficRecorder | None = None
 
     # --- counting ----------------------------------------------------------------------------
     def object_request(self, method: str, status: int, source: str) -> None:
@@ -91,6 +97,8 @@ class Metrics:
 
     def equivalence(self, face: str, message: str) -> None:
         self.equiv_requests.labels(face, message).inc()
+        if message == "report" and self.traffic is not None:
+            self.traffic.record("report")
 
     def hashserv_message(self, message: str, transport: str) -> None:
         key = (message, transport)
@@ -98,6 +106,8 @@ class Metrics:
         if child is None:
             child = self._messages[key] = self.hashserv_messages.labels(message, transport)
         child.inc()
+        if message == "report" and self.traffic is not None:
+            self.traffic.record("report")
 
     def hashserv_line_counter(self, message: str, transport: str) -> Counter:
         """The counter child of one stream mode's lines (a stream loop keeps it)."""

@@ -147,9 +147,12 @@ def _get_stream_key(line: str) -> list[str]:
 class Connection:
     """One client connection, on any transport."""
 
-    def __init__(self, service: HashservService, io: MessageIO) -> None:
+    def __init__(self, service: HashservService, io: MessageIO, transport: str = "tcp") -> None:
         self.service = service
         self.io = io
+        self.transport = transport  # ws | tcp | unix: the metrics' label
+        self.metrics = service.metrics
+        self.latency = service.metrics.latency_of("hashserv")
         self.db = service.db
         self.reporter = service.reporter
         self.auth: Auth = service.auth
@@ -177,9 +180,11 @@ class Connection:
                 if h is None:
                     raise ProtocolError("unrecognized command")
                 arg = msg[h.name]
+                self.metrics.hashserv_message(h.name, self.transport)
                 try:
                     if h.stream:
                         self._check(h, arg)
+                        self._lines = self.metrics.hashserv_line_counter(h.name, self.transport)
                         response = await h.fn(self, arg)
                     else:
                         t0 = time.perf_counter()
@@ -187,7 +192,9 @@ class Connection:
                             self._check(h, arg)
                             response = await h.fn(self, arg)
                         finally:
-                            self.stats.add(time.perf_counter() - t0)
+                            elapsed = time.perf_counter() - t0
+                            self.stats.add(elapsed)
+                            self.latency.observe(elapsed)
                 except (InvokeError, ReportError) as e:
                     io.write_message({"invoke-error": {"message": str(e)}})
                     break
@@ -255,6 +262,8 @@ class Connection:
         pipelined batch is answered with one write; each line is one request in the stats."""
         io = self.io
         stats = self.stats
+        latency = self.latency
+        lines = self._lines
         perf = time.perf_counter
         io.write_message("ok")
         while True:
@@ -266,8 +275,11 @@ class Connection:
                 if line == "END":
                     break
                 io.write_line(await answer(line))
+                lines.inc()
             finally:
-                stats.add(perf() - t0)
+                elapsed = perf() - t0
+                stats.add(elapsed)
+                latency.observe(elapsed)
             if io.flush_due:
                 await io.flush()
         io.write_line("ok")
