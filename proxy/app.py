@@ -195,7 +195,7 @@ async def _startup(app: web.Application) -> None:
     traffic = TrafficRecorder(db, flush_s=cfg.dashboard.history_flush_s,
                               keep_s=cfg.dashboard.history_days * 86400.0)
     metrics.traffic = traffic
-    dashboard = Dashboard(cfg, db, store, auth)
+    dashboard = Dashboard(cfg, db, auth)
     app[SERVICES] = Services(store=store, db=db, auth=auth, resolver=resolver, reporter=reporter,
                              hashserv=hashserv, mirror=mirror, uploads=uploads, equiv=equiv,
                              metrics=metrics, traffic=traffic, dashboard=dashboard)
