@@ -251,13 +251,15 @@ async def metrics_middleware(request: web.Request, handler) -> web.StreamRespons
                     source = request.get("source", "none")
                     if method not in ("GET", "HEAD"):
                         face = "upload"
+                    elif source == "miss":
+                        # a 404 for a path that is no sstate name (a favicon, a scanner) is not
+                        # a cache miss: left out of the history
+                        name = names.parse(services.mirror.key_of(request)[0])
+                        if name is not None:
+                            services.traffic.record(source, 0, recipe_of(name))
                     elif source in TRAFFIC_SOURCES:
                         nbytes = 0 if response is None else body_bytes(request, response)
-                        recipe = ""
-                        if source == "miss":
-                            key = services.mirror.key_of(request)[0]
-                            recipe = recipe_of(names.parse(key))
-                        services.traffic.record(source, nbytes, recipe)
+                        services.traffic.record(source, nbytes)
                     metrics.object_request(method, status, source)
                 metrics.observe(face, perf_counter() - t0)
 

@@ -59,8 +59,8 @@ class Metrics:
             "(ws, tcp, unix); a stream mode (get-stream, ...) counts once here",
             ["message", "transport"], registry=reg)
         self.hashserv_lines = Counter(
-            "sstate_proxy_hashserv_stream_lines", "Lines answered inside OEHASHEQUIV stream modes "
-            "by mode and transport", ["message", "transport"], registry=reg)
+            "sstate_proxy_hashserv_stream_lines", "Lines read in OEHASHEQUIV stream modes (the "
+            "closing END included, as get-stats counts them) by mode and transport", ["message", "transport"], registry=reg)
         self.upstream_fetches = Counter(
             "sstate_proxy_upstream_fetches", "Objects asked of the upstream mirrors, by result "
             "(fetched, missing, error)", ["result"], registry=reg)

@@ -275,11 +275,11 @@ class Connection:
                 if line == "END":
                     break
                 io.write_line(await answer(line))
-                lines.inc()
             finally:
                 elapsed = perf() - t0
                 stats.add(elapsed)
                 latency.observe(elapsed)
+                lines.inc()
             if io.flush_due:
                 await io.flush()
         io.write_line("ok")

@@ -39,10 +39,10 @@ function barChart(container, points, sources, opts) {
   const max = Math.max(1, ...points.map(p => sources.reduce((s, k) => s + p[k], 0)));
   const svg = el("svg:svg", { viewBox: `0 0 ${width} ${height}`, role: "img", "aria-label": opts.label,
                               "data-max": max });
-  for (const frac of [0, 0.5, 1]) {
+  for (const frac of (max % 2 === 0 ? [0, 0.5, 1] : [0, 1])) {  // whole numbers only
     const y = top + plotH - frac * plotH;
     svg.append(el("svg:line", { x1: left, x2: width - 4, y1: y, y2: y, stroke: "#d9dee3" }));
-    svg.append(el("svg:text", { x: left - 6, y: y + 4, "text-anchor": "end" }, count(Math.round(max * frac))));
+    svg.append(el("svg:text", { x: left - 6, y: y + 4, "text-anchor": "end" }, count(max * frac)));
   }
   const step = plotW / Math.max(1, points.length);
   const barW = Math.max(1, step * 0.8);
@@ -65,8 +65,9 @@ function barChart(container, points, sources, opts) {
   const ticks = Math.min(points.length, 6);
   for (let j = 0; j < ticks; j++) {
     const i = Math.round(j * (points.length - 1) / Math.max(1, ticks - 1));
-    svg.append(el("svg:text", { x: left + i * step + step / 2, y: height - 4, "text-anchor": "middle" },
-                  clock(points[i].t)));
+    const anchor = j === 0 ? "start" : (j === ticks - 1 ? "end" : "middle");
+    const x = j === 0 ? left + i * step : (j === ticks - 1 ? left + (i + 1) * step : left + i * step + step / 2);
+    svg.append(el("svg:text", { x: x, y: height - 4, "text-anchor": anchor }, clock(points[i].t)));
   }
   container.replaceChildren(svg);
 }
