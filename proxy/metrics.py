@@ -81,12 +81,16 @@ class Metrics:
         self.traffic: TrafficRecorder | None = None
 
     # --- counting ----------------------------------------------------------------------------
-    def object_request(self, method: str, status: int, source: str) -> None:
-        key = (method, status, source)
-        child = self._objects.get(key)
+    @staticmethod
+    def _child(cache: dict, metric: Counter, key: tuple) -> Counter:
+        """The child of ``metric`` labelled ``key`` (looked up once, then kept in ``cache``)."""
+        child = cache.get(key)
         if child is None:
-            child = self._objects[key] = self.objects.labels(method, str(status), source)
-        child.inc()
+            child = cache[key] = metric.labels(*key)
+        return child
+
+    def object_request(self, method: str, status: int, source: str) -> None:
+        self._child(self._objects, self.objects, (method, status, source)).inc()
 
     def sent(self, nbytes: int) -> None:
         if nbytes:
@@ -101,21 +105,13 @@ class Metrics:
             self.traffic.record("report")
 
     def hashserv_message(self, message: str, transport: str) -> None:
-        key = (message, transport)
-        child = self._messages.get(key)
-        if child is None:
-            child = self._messages[key] = self.hashserv_messages.labels(message, transport)
-        child.inc()
+        self._child(self._messages, self.hashserv_messages, (message, transport)).inc()
         if message == "report" and self.traffic is not None:
             self.traffic.record("report")
 
     def hashserv_line_counter(self, message: str, transport: str) -> Counter:
         """The counter child of one stream mode's lines (a stream loop keeps it)."""
-        key = (message, transport)
-        child = self._lines.get(key)
-        if child is None:
-            child = self._lines[key] = self.hashserv_lines.labels(message, transport)
-        return child
+        return self._child(self._lines, self.hashserv_lines, (message, transport))
 
     def upstream_fetch(self, result: str) -> None:
         """One object asked of the upstream mirrors: ``fetched``, ``missing`` or ``error``."""
