@@ -19,7 +19,6 @@ from time import time as time_now
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-from proxy import names
 from proxy.auth import Auth
 from proxy.config import Config
 from proxy.dashboard import Dashboard
@@ -32,7 +31,7 @@ from proxy.mirror import SENT_KEY, Mirror
 from proxy.reports import Reporter
 from proxy.resolver import Resolver
 from proxy.services import SERVICES, Services
-from proxy.traffic import TrafficRecorder, recipe_of
+from proxy.traffic import TrafficRecorder
 from proxy.uploads import Uploads
 from proxy.upstream_hashserv import UpstreamHashserv
 from storage import open_store
@@ -241,7 +240,8 @@ async def metrics_middleware(request: web.Request, handler) -> web.StreamRespons
         app = request.app
         face = app[ROUTE_FACES].get(request.match_info.route.handler, "operations")
         method = request.method
-        if face == "object" and method == "GET" and "Upgrade" in request.headers:
+        if face == "object" and method == "GET" and "Upgrade" in request.headers \
+                and request.headers["Upgrade"].lower() == "websocket":
             face = "ws"  # OEHASHEQUIV on GET / with Upgrade: websocket
         if face != "ws":
             services = app.get(SERVICES)
@@ -252,11 +252,7 @@ async def metrics_middleware(request: web.Request, handler) -> web.StreamRespons
                     if method not in ("GET", "HEAD"):
                         face = "upload"
                     elif source == "miss":
-                        # a 404 for a path that is no sstate name (a favicon, a scanner) is not
-                        # a cache miss: left out of the history
-                        name = names.parse(services.mirror.key_of(request)[0])
-                        if name is not None:
-                            services.traffic.record(source, 0, recipe_of(name))
+                        services.traffic.record_miss(request.match_info["tail"])
                     elif source in TRAFFIC_SOURCES:
                         nbytes = 0 if response is None else body_bytes(request, response)
                         services.traffic.record(source, nbytes)

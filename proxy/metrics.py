@@ -27,8 +27,8 @@ if TYPE_CHECKING:
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 # Faces of the latency histogram: object GET/HEAD, object PUT/DELETE, /v1/equivalent, one
-# OEHASHEQUIV message or stream line (any transport), and everything else on HTTP (/metrics,
-# /ui/, /healthz, /readyz, a websocket upgrade's refusal).
+# OEHASHEQUIV message (any transport; stream-mode lines have their own counters), and
+# everything else on HTTP (/metrics, /ui/, /healthz, /readyz, a websocket upgrade's refusal).
 FACES = ("object", "upload", "equivalent", "hashserv", "operations")
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
                    0.5, 1, 2.5, 5, 10, 30)
@@ -60,7 +60,14 @@ class Metrics:
             ["message", "transport"], registry=reg)
         self.hashserv_lines = Counter(
             "sstate_proxy_hashserv_stream_lines", "Lines read in OEHASHEQUIV stream modes (the "
-            "closing END included, as get-stats counts them) by mode and transport", ["message", "transport"], registry=reg)
+            "closing END included, as get-stats counts them) by mode and transport",
+            ["message", "transport"], registry=reg)
+        # Stream lines are the bulk of the hashserv load and cost a few microseconds each: their
+        # time is summed (added per written batch), not put in the histogram line by line.
+        self.hashserv_line_seconds = Counter(
+            "sstate_proxy_hashserv_stream_seconds", "Time spent answering the lines of OEHASHEQUIV "
+            "stream modes (divide by the lines for the mean), by mode and transport",
+            ["message", "transport"], registry=reg)
         self.upstream_fetches = Counter(
             "sstate_proxy_upstream_fetches", "Objects asked of the upstream mirrors, by result "
             "(fetched, missing, error)", ["result"], registry=reg)
@@ -70,12 +77,13 @@ class Metrics:
             "sstate_proxy_gc_removed_bytes", "Bytes of the objects removed by retention (gc)", registry=reg)
         self.latency = Histogram(
             "sstate_proxy_request_seconds", "Time to answer one request, by face (object, upload, "
-            "equivalent, hashserv: one message or stream line, operations)",
+            "equivalent, hashserv: one message, operations)",
             ["face"], buckets=LATENCY_BUCKETS, registry=reg)
         # Cached label children (the hot path).
         self._objects: dict[tuple[str, int, str], Counter] = {}
         self._messages: dict[tuple[str, str], Counter] = {}
         self._lines: dict[tuple[str, str], Counter] = {}
+        self._line_seconds: dict[tuple[str, str], Counter] = {}
         self._latency = {face: self.latency.labels(face) for face in FACES}
         # The traffic history (set once the database is open): reports counted here, on every face.
         self.traffic: TrafficRecorder | None = None
@@ -109,9 +117,11 @@ class Metrics:
         if message == "report" and self.traffic is not None:
             self.traffic.record("report")
 
-    def hashserv_line_counter(self, message: str, transport: str) -> Counter:
-        """The counter child of one stream mode's lines (a stream loop keeps it)."""
-        return self._child(self._lines, self.hashserv_lines, (message, transport))
+    def hashserv_stream_counters(self, message: str, transport: str) -> tuple[Counter, Counter]:
+        """The (lines, seconds) counter children of one stream mode (a stream loop keeps them)."""
+        key = (message, transport)
+        return (self._child(self._lines, self.hashserv_lines, key),
+                self._child(self._line_seconds, self.hashserv_line_seconds, key))
 
     def upstream_fetch(self, result: str) -> None:
         """One object asked of the upstream mirrors: ``fetched``, ``missing`` or ``error``."""

@@ -184,7 +184,7 @@ class Connection:
                 try:
                     if h.stream:
                         self._check(h, arg)
-                        self._lines = self.metrics.hashserv_line_counter(h.name, self.transport)
+                        self._stream_counters = self.metrics.hashserv_stream_counters(h.name, self.transport)
                         response = await h.fn(self, arg)
                     else:
                         t0 = time.perf_counter()
@@ -262,26 +262,34 @@ class Connection:
         pipelined batch is answered with one write; each line is one request in the stats."""
         io = self.io
         stats = self.stats
-        latency = self.latency
-        lines = self._lines
+        lines, seconds = self._stream_counters
+        n, spent = 0, 0.0  # counted per written batch: the lines are many and cheap
         perf = time.perf_counter
         io.write_message("ok")
-        while True:
-            line = await io.recv()
-            if not line or line.isspace():
-                break
-            t0 = perf()
-            try:
-                if line == "END":
+        try:
+            while True:
+                line = await io.recv()
+                if not line or line.isspace():
                     break
-                io.write_line(await answer(line))
-            finally:
-                elapsed = perf() - t0
-                stats.add(elapsed)
-                latency.observe(elapsed)
-                lines.inc()
-            if io.flush_due:
-                await io.flush()
+                t0 = perf()
+                try:
+                    if line == "END":
+                        break
+                    io.write_line(await answer(line))
+                finally:
+                    elapsed = perf() - t0
+                    stats.add(elapsed)
+                    n += 1
+                    spent += elapsed
+                if io.flush_due:
+                    lines.inc(n)
+                    seconds.inc(spent)
+                    n, spent = 0, 0.0
+                    await io.flush()
+        finally:
+            if n:
+                lines.inc(n)
+                seconds.inc(spent)
         io.write_line("ok")
         return NO_RESPONSE
 
