@@ -31,6 +31,8 @@ from proxy.mirror import SENT_KEY, Mirror
 from proxy.reports import Reporter
 from proxy.resolver import Resolver
 from proxy.services import SERVICES, Services
+from proxy.stats import PATH as STATS_PATH
+from proxy.stats import StatsEndpoint
 from proxy.traffic import TrafficRecorder
 from proxy.uploads import Uploads
 from proxy.upstream_hashserv import UpstreamHashserv
@@ -376,6 +378,7 @@ def build_app(cfg: Config, *, skip_listeners: bool = False, hashserv_sock=None,
     r.add_get("/metrics", metrics)
     r.add_get("/v1/equivalent", equiv_get)
     r.add_post("/v1/equivalent", equiv_post)
+    r.add_get(STATS_PATH, StatsEndpoint().handle)
     r.add_get("/ws", websocket)
     r.add_get("/ui", ui)
     r.add_get("/ui/{file:.*}", ui)

@@ -71,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("stats", help="print equivalence-database and dedup statistics as JSON")
     _add_config_args(st)
+    st.add_argument("--url", metavar="URL", help="ask the running service at URL (GET /v1/stats) "
+                    "instead of opening the database; credentials as for push")
+
+    from proxy import push
+
+    push.add_parser(sub)
 
     from proxy import operations  # the import/gc commands live beside their code
 
@@ -359,22 +365,30 @@ async def user_command(cfg: Config, args: argparse.Namespace) -> int:
 
 
 async def stats_command(cfg: Config) -> int:
-    import json
-
+    from proxy import stats
     from storage.equivalence import open_equivalence_db
 
     db = open_equivalence_db(cfg.database.url, read_only=True)
     try:
-        out = {"database": await db.get_usage(), "dedup": await db.dedup_stats()}
+        out = await stats.collect(db)
     finally:
         await db.close()
-    print(json.dumps(out, indent=2, sort_keys=True))
+    print(stats.render(out))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # The HTTP clients of a running service need no configuration of their own.
+    if args.command == "push":
+        from proxy import push
+
+        return push.command(args)
+    if args.command == "stats" and args.url:
+        from proxy import stats
+
+        return stats.remote_command(args.url)
     try:
         cfg = load_config(args)
     except ConfigError as e:
