@@ -13,6 +13,7 @@ import json
 import logging
 import sys
 import time as _time
+from time import perf_counter
 from time import time as time_now
 
 from aiohttp import web
@@ -20,6 +21,7 @@ from aiohttp.abc import AbstractAccessLogger
 
 from proxy.auth import Auth
 from proxy.config import Config
+from proxy.dashboard import Dashboard
 from proxy.equiv_api import EquivalenceAPI
 from proxy.errors import (
     MalformedRequestFilter,
@@ -38,6 +40,7 @@ from proxy.resolver import Resolver
 from proxy.services import SERVICES, Services
 from proxy.stats import PATH as STATS_PATH
 from proxy.stats import StatsEndpoint
+from proxy.traffic import TrafficRecorder
 from proxy.uploads import Uploads
 from proxy.upstream_hashserv import UpstreamHashserv
 from storage import open_store
@@ -190,7 +193,7 @@ async def _startup(app: web.Application) -> None:
         upstream = UpstreamHashserv(cfg.hashserv.upstream)
     reporter = Reporter(db, auth, read_only=cfg.hashserv.read_only, upstream=upstream,
                         on_change=resolver.invalidate)
-    hashserv = HashservService(db, auth, cfg, reporter)
+    hashserv = HashservService(db, auth, cfg, reporter, metrics)
     if not options["skip_listeners"]:
         await hashserv.start(sock=options["hashserv_sock"])
     mirror = Mirror(store, resolver, auth, metrics, cfg.server.mirror_prefix)
@@ -198,9 +201,13 @@ async def _startup(app: web.Application) -> None:
                       read_only=cfg.hashserv.read_only, body_timeout_s=cfg.limits.body_timeout_s)
     equiv = EquivalenceAPI(reporter, auth, metrics, cfg.limits.max_request_body_bytes,
                            body_timeout_s=cfg.limits.body_timeout_s)
+    traffic = TrafficRecorder(db, flush_s=cfg.dashboard.history_flush_s,
+                              keep_s=cfg.dashboard.history_days * 86400.0)
+    metrics.traffic = traffic
+    dashboard = Dashboard(cfg, db, auth)
     app[SERVICES] = Services(store=store, db=db, auth=auth, resolver=resolver, reporter=reporter,
                              hashserv=hashserv, mirror=mirror, uploads=uploads, equiv=equiv,
-                             metrics=metrics)
+                             metrics=metrics, traffic=traffic, dashboard=dashboard)
 
 
 async def _cleanup(app: web.Application) -> None:
@@ -209,11 +216,58 @@ async def _cleanup(app: web.Application) -> None:
     if services is None:
         return
     for name, close in (("hashserv", services.hashserv.stop), ("reporter", services.reporter.close),
+                        ("traffic history", services.traffic.close),
                         ("store", services.store.close), ("db", services.db.close)):
         try:
             await close()
         except Exception:
             log.exception("error while closing %s", name)
+
+
+# What the metrics middleware counts a route's requests as: object GET/HEAD (or PUT/DELETE, the
+# "upload" face), /v1/equivalent, a websocket (not timed: its messages are, by the hashserv
+# face), anything else "operations".
+ROUTE_FACES = web.AppKey("route_faces", dict)
+TRAFFIC_SOURCES = frozenset(("hit", "equivalent", "upstream", "miss"))
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler) -> web.StreamResponse:
+    """Counts every HTTP request once it is answered: its latency by face; an object request
+    by method, status and source (and in the traffic history). Outermost, so it sees the
+    status the error middleware chose."""
+    t0 = perf_counter()
+    response: web.StreamResponse | None = None
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as e:
+        status = e.status
+        raise
+    finally:
+        app = request.app
+        face = app[ROUTE_FACES].get(request.match_info.route.handler, "operations")
+        method = request.method
+        if face == "object" and method == "GET" and "Upgrade" in request.headers \
+                and request.headers["Upgrade"].lower() == "websocket":
+            face = "ws"  # OEHASHEQUIV on GET / with Upgrade: websocket
+        if face != "ws":
+            services = app.get(SERVICES)
+            if services is not None:
+                metrics = services.metrics
+                if face == "object":
+                    source = request.get("source", "none")
+                    if method not in ("GET", "HEAD"):
+                        face = "upload"
+                    elif source == "miss":
+                        services.traffic.record_miss(request.match_info["tail"])
+                    elif source in TRAFFIC_SOURCES:
+                        nbytes = 0 if response is None else body_bytes(request, response)
+                        services.traffic.record(source, nbytes)
+                    metrics.object_request(method, status, source)
+                metrics.observe(face, perf_counter() - t0)
 
 
 def build_app(cfg: Config, *, skip_listeners: bool = False, hashserv_sock=None,
@@ -226,7 +280,7 @@ def build_app(cfg: Config, *, skip_listeners: bool = False, hashserv_sock=None,
     # listening socket through its protocol_factory (without it the middleware does nothing).
     limits = ConnectionLimits(cfg.limits.max_connections, cfg.limits.header_timeout_s)
     app = web.Application(
-        middlewares=[limits.middleware, error_middleware],
+        middlewares=[metrics_middleware, limits.middleware, error_middleware],
         client_max_size=cfg.limits.max_request_body_bytes,
     )
     app[CONFIG] = cfg
@@ -327,6 +381,9 @@ def build_app(cfg: Config, *, skip_listeners: bool = False, hashserv_sock=None,
     async def equiv_post(request: web.Request) -> web.Response:
         return await services().equiv.post(request)
 
+    async def ui(request: web.Request) -> web.StreamResponse:
+        return await services().dashboard.handle(request)
+
     r = app.router
     r.add_get("/healthz", healthz)
     r.add_get("/readyz", readyz)
@@ -335,7 +392,11 @@ def build_app(cfg: Config, *, skip_listeners: bool = False, hashserv_sock=None,
     r.add_post("/v1/equivalent", equiv_post)
     r.add_get(STATS_PATH, StatsEndpoint().handle)
     r.add_get("/ws", websocket)
+    r.add_get("/ui", ui)
+    r.add_get("/ui/{file:.*}", ui)
     r.add_route("*", cfg.server.mirror_prefix + "{tail:.*}", objects, expect_handler=expect_continue)
+    app[ROUTE_FACES] = {objects: "object", equiv_get: "equivalent", equiv_post: "equivalent",
+                        websocket: "ws"}
     return app
 
 

@@ -12,9 +12,11 @@ import contextlib
 import logging
 import math
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 from dataclasses import replace
 
@@ -238,7 +240,22 @@ async def run_worker(cfg: Config, worker: int, sock: socket.socket,
     await runner.cleanup()  # closes every connection; cancels what still runs (FINISH_WRITE_S)
 
 
+METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
 def serve(cfg: Config) -> int:
+    # The workers' metrics meet in a fresh private directory (prometheus-client's multiprocess
+    # mode, proxy/metrics.py), so any worker's scrape has every worker's counts. Set before
+    # prometheus_client is first imported (it picks its value class at import), removed at exit.
+    metrics_dir = tempfile.mkdtemp(prefix="sstate-proxy-metrics-")
+    os.environ[METRICS_DIR_ENV] = metrics_dir
+    try:
+        return _serve(cfg)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _serve(cfg: Config) -> int:
     from proxy.app import setup_logging
 
     setup_logging(cfg)
@@ -280,6 +297,8 @@ def supervise(cfg: Config, sock: socket.socket, hashserv_sock: socket.socket | N
     """Fork ``workers`` processes that serve the listening socket(s) bound before; restart one
     that dies; on SIGTERM/SIGINT stop them all (each drains its requests in flight within
     ``[server] shutdown_grace_s``) and wait for them."""
+    from prometheus_client.multiprocess import mark_process_dead
+
     children: dict[int, int] = {}
     stopping = False
 
@@ -339,6 +358,7 @@ def supervise(cfg: Config, sock: socket.socket, hashserv_sock: socket.socket | N
         except InterruptedError:
             continue
         worker = children.pop(pid, None)
+        mark_process_dead(pid)  # its live gauges go; its counts stay in the totals
         if worker is None or stopping:
             continue
         log.error("worker %d (pid %d) exited with status %d; restarting", worker, pid, status)

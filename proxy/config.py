@@ -93,6 +93,14 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class DashboardConfig:
+    # Each worker writes its traffic sums to the database this often (the dashboard lags by it).
+    history_flush_s: float = 10.0
+    # Traffic history older than this is pruned.
+    history_days: int = 14
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -102,6 +110,7 @@ class Config:
     auth: AuthConfig = field(default_factory=AuthConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    dashboard: DashboardConfig = field(default_factory=DashboardConfig)
 
 
 # --- validation helpers -------------------------------------------------------------------
@@ -215,6 +224,10 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"limits.{name}: must be more than 0 and at most 86400 seconds")
     if not 0 <= s.shutdown_grace_s <= 3600:
         raise ConfigError("server.shutdown_grace_s: must be between 0 and 3600 seconds")
+    if not 0.1 <= cfg.dashboard.history_flush_s <= 3600:
+        raise ConfigError("dashboard.history_flush_s: must be between 0.1 and 3600 seconds")
+    if cfg.dashboard.history_days < 1:
+        raise ConfigError("dashboard.history_days: must be at least 1")
     if cfg.upstream.mirrors:
         raise ConfigError("upstream.mirrors: pull-through mirrors are not implemented yet; leave it empty")
     return replace(cfg, hashserv=replace(h, anon_perms=anon))

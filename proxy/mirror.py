@@ -199,9 +199,7 @@ class Mirror:
         Resolution None is a miss (404); a status in NO_BODY is a finished 304/412/416."""
         res = await self.resolver.resolve(key, name)
         if res is None:
-            self.metrics.object_request(method, "miss")
             return None, {}, 404, 0, 0
-        self.metrics.object_request(method, res.source)
         headers = {SOURCE_HEADER: res.source}
         if res.source == "equivalent":
             headers[SERVED_HASH_HEADER] = res.served_hash

@@ -7,12 +7,14 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from proxy.auth import Auth
+from proxy.dashboard import Dashboard
 from proxy.equiv_api import EquivalenceAPI
 from proxy.hashserv.service import HashservService
 from proxy.metrics import Metrics
 from proxy.mirror import Mirror
 from proxy.reports import Reporter
 from proxy.resolver import Resolver
+from proxy.traffic import TrafficRecorder
 from proxy.uploads import Uploads
 from storage import ObjectStore
 from storage.equivalence import EquivalenceDB
@@ -30,6 +32,8 @@ class Services:
     uploads: Uploads
     equiv: EquivalenceAPI
     metrics: Metrics
+    traffic: TrafficRecorder
+    dashboard: Dashboard
 
 
 SERVICES = web.AppKey("services", Services)

@@ -14,6 +14,7 @@ import pytest
 
 from tests.hashserv_client import HashClient
 from tests.service import REPO, Service, free_port
+from tests.workers import serving_pid, worker_pids
 
 
 def head_status(port: int, path: str) -> tuple[int, str | None]:
@@ -106,16 +107,16 @@ def test_two_workers_serve_one_port(tmp_path):
     svc = Service(tmp_path / "w", args=["--workers", "2"])
     target = with_object(svc, "x.bin", b"x")
     with svc:
-        pids: set[str] = set()
+        children = worker_pids(svc.proc.pid)
+        pids: set[int | None] = set()
         deadline = time.monotonic() + 20
         while len(pids) < 2 and time.monotonic() < deadline:
             # a new connection each time: whichever worker accepts it first answers
             conn = http.client.HTTPConnection("127.0.0.1", svc.port, timeout=10)
             conn.request("GET", "/metrics")
-            body = conn.getresponse().read().decode()
+            conn.getresponse().read()
+            pids.add(serving_pid(conn.sock, children))  # (samples carry no process label)
             conn.close()
-            pids |= {line.split('pid="')[1].split('"')[0] for line in body.splitlines() if 'pid="' in line}
             assert head_status(svc.port, target) == (200, "hit")
         assert len(pids) == 2, pids
-        children = Path(f"/proc/{svc.proc.pid}/task/{svc.proc.pid}/children").read_text().split()
         assert sorted(children) == sorted(pids)

@@ -493,3 +493,53 @@ async def test_archive_identity_concurrent_first(engine: Engine):
     finally:
         await a.close()
         await b.close()
+
+
+# --- traffic history (the dashboard) --------------------------------------------------------------
+async def test_traffic_history_adds_across_instances(engine: Engine):
+    from storage.equivalence import TrafficRow as T
+
+    a, b = engine.open(), engine.open()
+    try:
+        assert await a.traffic_series(0) == [] and await a.top_missed_recipes(0, 5) == []
+        await a.add_traffic([T(60, "hit", "", 3, 300), T(60, "miss", "zlib", 2, 0),
+                             T(120, "equivalent", "", 1, 5_000_000_000)])
+        # another instance (worker, replica) adds to the same buckets; duplicates in one batch add up
+        await b.add_traffic([T(60, "hit", "", 1, 10), T(60, "miss", "zlib", 1, 0),
+                             T(60, "miss", "busybox", 4, 0), T(60, "miss", "busybox", 1, 0),
+                             T(60, "miss", "", 2, 0), T(120, "report", "", 7, 0)])
+        await b.add_traffic([])
+        assert await a.traffic_series(0) == [
+            T(60, "hit", "", 4, 310), T(60, "miss", "", 10, 0),
+            T(120, "equivalent", "", 1, 5_000_000_000), T(120, "report", "", 7, 0)]
+        assert await b.traffic_series(120) == [T(120, "equivalent", "", 1, 5_000_000_000),
+                                               T(120, "report", "", 7, 0)]
+        assert await a.top_missed_recipes(0, 5) == [("busybox", 5), ("zlib", 3)]
+        assert await a.top_missed_recipes(0, 1) == [("busybox", 5)]
+        assert await a.top_missed_recipes(120, 5) == []
+        # traffic is not hash equivalence: no generation move on PostgreSQL, not in the usage
+        assert "sstate_proxy_traffic" not in await a.get_usage()
+        assert await a.prune_traffic(120) == 4  # bucket 60: hit, miss zlib, busybox and ""
+        assert [r.bucket for r in await b.traffic_series(0)] == [120, 120]
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_traffic_writes_do_not_notify(request, tmp_path: Path):
+    """On PostgreSQL the traffic table has no change trigger, so the resolver's caches keep.
+    (SQLite's data_version moves on any commit: ARCHITECTURE.md, caches.)"""
+    from storage.equivalence import TrafficRow
+
+    engine = _postgres(tmp_path, request)
+    a, b = engine.open(), engine.open()
+    try:
+        await a.insert_unihash(M, h("warm"), h("u"))  # both connected and listening
+        await b.get_unihash(M, h("warm"))
+        await asyncio.sleep(0.2)
+        before = await b.generation()
+        await a.add_traffic([TrafficRow(60, "hit", "", 1, 1)])
+        assert not await moved(b, before, within_s=0.5)
+    finally:
+        await a.close()
+        await b.close()

@@ -19,6 +19,7 @@ from tests.bbfetch import BitbakeMirrorClient
 from tests.corpus import make_corpus
 from tests.s3server import TEST_ENV, MotoServer
 from tests.service import REPO, Service, read_status_line
+from tests.workers import serving_pid, worker_pids
 
 
 def request(svc: Service, method: str, path: str, headers: dict | None = None, conn=None):
@@ -300,15 +301,16 @@ def test_workers_share_one_port_and_stop_together(tmp_path):
     (svc.storage / "ab" / "x.txt").write_text("x")
     svc.start()
     try:
+        children = [str(p) for p in worker_pids(svc.proc.pid)]
+        assert len(children) == 3
         pids = set()
         deadline = time.monotonic() + 20
         while len(pids) < 3 and time.monotonic() < deadline:
-            resp, body = request(svc, "GET", "/metrics")
-            pids |= {line.split('pid="')[1].split('"')[0] for line in body.decode().splitlines()
-                     if 'pid="' in line}
-            request(svc, "GET", "/ab/x.txt")
-        children = Path(f"/proc/{svc.proc.pid}/task/{svc.proc.pid}/children").read_text().split()
-        assert len(children) == 3
+            conn = http.client.HTTPConnection("127.0.0.1", svc.port, timeout=10)
+            conn.request("GET", "/ab/x.txt")
+            assert conn.getresponse().read() == b"x"
+            pids.add(str(serving_pid(conn.sock, map(int, children))))
+            conn.close()
         assert len(pids) >= 2, pids  # the kernel spread connections over several workers
     finally:
         assert svc.stop() == 0

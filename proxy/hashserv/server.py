@@ -151,9 +151,12 @@ def _get_stream_key(line: str) -> list[str]:
 class Connection:
     """One client connection, on any transport."""
 
-    def __init__(self, service: HashservService, io: MessageIO) -> None:
+    def __init__(self, service: HashservService, io: MessageIO, transport: str = "tcp") -> None:
         self.service = service
         self.io = io
+        self.transport = transport  # ws | tcp | unix: the metrics' label
+        self.metrics = service.metrics
+        self.latency = service.metrics.latency_of("hashserv")
         self.db = service.db
         self.reporter = service.reporter
         self.auth: Auth = service.auth
@@ -187,9 +190,11 @@ class Connection:
                 if h is None:
                     raise ProtocolError("unrecognized command")
                 arg = msg[h.name]
+                self.metrics.hashserv_message(h.name, self.transport)
                 try:
                     if h.stream:
                         self._check(h, arg)
+                        self._stream_counters = self.metrics.hashserv_stream_counters(h.name, self.transport)
                         response = await h.fn(self, arg)
                     else:
                         t0 = time.perf_counter()
@@ -197,7 +202,9 @@ class Connection:
                             self._check(h, arg)
                             response = await h.fn(self, arg)
                         finally:
-                            self.stats.add(time.perf_counter() - t0)
+                            elapsed = time.perf_counter() - t0
+                            self.stats.add(elapsed)
+                            self.latency.observe(elapsed)
                 except (InvokeError, ReportError) as e:
                     io.write_message({"invoke-error": {"message": str(e)}})
                     break
@@ -265,21 +272,34 @@ class Connection:
         pipelined batch is answered with one write; each line is one request in the stats."""
         io = self.io
         stats = self.stats
+        lines, seconds = self._stream_counters
+        n, spent = 0, 0.0  # counted per written batch: the lines are many and cheap
         perf = time.perf_counter
         io.write_message("ok")
-        while True:
-            line = await io.recv()
-            if not line or line.isspace():
-                break
-            t0 = perf()
-            try:
-                if line == "END":
+        try:
+            while True:
+                line = await io.recv()
+                if not line or line.isspace():
                     break
-                io.write_line(await answer(line))
-            finally:
-                stats.add(perf() - t0)
-            if io.flush_due:
-                await io.flush()
+                t0 = perf()
+                try:
+                    if line == "END":
+                        break
+                    io.write_line(await answer(line))
+                finally:
+                    elapsed = perf() - t0
+                    stats.add(elapsed)
+                    n += 1
+                    spent += elapsed
+                if io.flush_due:
+                    lines.inc(n)
+                    seconds.inc(spent)
+                    n, spent = 0, 0.0
+                    await io.flush()
+        finally:
+            if n:
+                lines.inc(n)
+                seconds.inc(spent)
         io.write_line("ok")
         return NO_RESPONSE
 

@@ -18,6 +18,7 @@ from proxy.config import Config
 from proxy.hashserv.framing import MessageIO, StreamIO, WebSocketIO
 from proxy.hashserv.listeners import Listener, start_listener, start_on_socket, websocket_response
 from proxy.hashserv.server import Connection, Stats, build_table
+from proxy.metrics import Metrics
 from proxy.reports import Reporter
 from storage.equivalence import EquivalenceDB
 
@@ -41,8 +42,10 @@ class HashservService:
     The service does not close the reporter: its creator does.
     """
 
-    def __init__(self, db: EquivalenceDB, auth: Auth, cfg: Config, reporter: Reporter) -> None:
+    def __init__(self, db: EquivalenceDB, auth: Auth, cfg: Config, reporter: Reporter,
+                 metrics: Metrics | None = None) -> None:
         self.db = db
+        self.metrics = metrics if metrics is not None else Metrics()
         self.auth = auth
         self.cfg = cfg
         self.reporter = reporter
@@ -97,12 +100,12 @@ class HashservService:
             for task in pending:
                 task.cancel()
 
-    async def _run(self, io: MessageIO) -> None:
+    async def _run(self, io: MessageIO, transport: str) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._connections[task] = io
         try:
-            await Connection(self, io).run()
+            await Connection(self, io, transport).run()
         finally:
             self._connections.pop(task, None)
 
@@ -113,7 +116,8 @@ class HashservService:
             log.warning("hashserv: too many connections (%d); refusing %s", len(self._connections), io.peer)
             await io.close()
             return
-        await self._run(io)
+        sock = writer.get_extra_info("socket")
+        await self._run(io, "unix" if sock is not None and sock.family == socket.AF_UNIX else "tcp")
 
     async def handle_websocket(self, request: web.Request) -> web.StreamResponse:
         """aiohttp handler: OEHASHEQUIV over a websocket (mount it at /ws, or on any path)."""
@@ -121,5 +125,5 @@ class HashservService:
         if not ws.can_prepare(request).ok:
             raise web.HTTPBadRequest(text="expected a websocket upgrade\n")
         await ws.prepare(request)
-        await self._run(WebSocketIO(ws, self.max_message, request.remote or "?"))
+        await self._run(WebSocketIO(ws, self.max_message, request.remote or "?"), "ws")
         return ws
