@@ -17,9 +17,9 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.auth import Auth
+from proxy.auth import Auth, sees_task_data
 from proxy.config import Config
-from proxy.http_auth import require
+from proxy.http_auth import require, require_user
 from proxy.traffic import BUCKET_S
 from storage.equivalence import EquivalenceDB
 
@@ -68,13 +68,17 @@ class Dashboard:
         self.files = load_static()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        await require(request, self.auth, "@read")
+        identity = await require(request, self.auth, "@read")
         name = request.match_info.get("file")
         if name is None:  # /ui
             raise web.HTTPFound("/ui/")
+        if name == "login":  # a browser signs in here, then sends its credentials to /ui/*
+            await require_user(request, self.auth)
+            raise web.HTTPFound("/ui/")
         if name == "api/summary":
             minutes = _minutes(request.query.get("minutes"))
-            return web.json_response(await self.summary(minutes), headers={"Cache-Control": "no-cache"})
+            summary = await self.summary(minutes, recipes=sees_task_data(identity))
+            return web.json_response(summary, headers={"Cache-Control": "no-cache"})
         static = self.files.get(name or "index.html")
         if static is None:
             raise web.HTTPNotFound(text="no such dashboard file\n")
@@ -82,10 +86,13 @@ class Dashboard:
                             charset="utf-8" if "charset" in static.content_type else None,
                             headers=PAGE_HEADERS)
 
-    async def summary(self, minutes: int, now: float | None = None) -> dict[str, Any]:
+    async def summary(self, minutes: int, now: float | None = None, *, recipes: bool = True) -> dict[str, Any]:
         """What the page draws: the last ``minutes`` of traffic per minute by source, bytes
         served, reports per hour (24 h), the recipes with the most misses (24 h), storage used
-        against the retention budget, and dedup savings."""
+        against the retention budget, and dedup savings.
+
+        Recipe names are task data (PN): with ``recipes`` false (a viewer without
+        ``@task-data``) the list is None and only the counts are shown."""
         now = time.time() if now is None else now
         last = int(now) // BUCKET_S * BUCKET_S
         first = last - (minutes - 1) * BUCKET_S
@@ -124,7 +131,8 @@ class Dashboard:
             "reports_per_hour": [{"t": t, "reports": n} for t, n in reports.items()],
             "reports_24h": sum(reports.values()),
             "top_missed_recipes": [{"recipe": recipe, "misses": n} for recipe, n in
-                                   await self.db.top_missed_recipes(day_start, TOP_RECIPES)],
+                                   await self.db.top_missed_recipes(day_start, TOP_RECIPES)]
+                                  if recipes else None,
             "storage": {"objects": objects, "bytes": used, "max_size": retention_budget(self.cfg)},
             "dedup": await self.db.dedup_stats(),
         }

@@ -67,6 +67,15 @@ def check(ident: Identity, auth: Auth, perms: tuple[str, ...]) -> Identity:
     raise web.HTTPForbidden(text=f"{ident.username} lacks {' '.join(perms)}\n")
 
 
+async def require_user(request: web.Request, auth: Auth) -> Identity:
+    """The caller, who must be logged in: anonymous gets 401 with the challenge (a browser then
+    asks for credentials and keeps sending them to the pages below)."""
+    ident = await identify(request, auth)
+    if ident.username is None:
+        raise _unauthorized("log in first")
+    return ident
+
+
 async def require(request: web.Request, auth: Auth, *perms: str) -> Identity:
     """Identity of the caller if it holds ``perms``; else 401 (anonymous) or 403 (logged in)."""
     return check(await identify(request, auth), auth, perms)

@@ -84,6 +84,12 @@ def test_dashboard_shows_the_traffic(service_factory, tmp_path):
     assert want == {"hit": 4, "equivalent": 3, "upstream": 0, "miss": 6}
 
     summary = wait_for_summary(svc.port, want)
+    # recipe names are task data: an anonymous viewer gets the counts, not the names
+    assert summary["top_missed_recipes"] is None
+    status, headers, _ = call(svc.port, "GET", "/ui/login")  # where a browser signs in
+    assert status == 401 and "WWW-Authenticate" in headers
+    status, _, body = call(svc.port, "GET", "/ui/api/summary?minutes=15", headers=basic(ADMIN, TOKEN))
+    summary = json.loads(body)
     assert {k: summary["totals"][k] for k in want} == want
     assert summary["bytes_by_source"]["hit"] == script.bytes["hit"]
     assert summary["bytes_by_source"]["equivalent"] == script.bytes["equivalent"]
@@ -95,9 +101,18 @@ def test_dashboard_shows_the_traffic(service_factory, tmp_path):
     assert call(svc.port, "GET", "/ui/api/summary?minutes=0")[0] == 400
     assert call(svc.port, "GET", "/ui/api/summary?minutes=x")[0] == 400
 
-    # The page, drawn by its script in a real browser.
+    # The page, drawn by its script in a real browser: anonymous first (no recipe names) ...
     profile = tmp_path / "chromium-profile"
-    done = run_chromium(browser, profile, "--dump-dom", svc.url + "/ui/")
+    done = run_chromium(browser, tmp_path / "anonymous-profile", "--dump-dom", svc.url + "/ui/")
+    assert done.returncode == 0, done.stderr[-2000:]
+    dom = Elements()
+    dom.feed(done.stdout)
+    assert not dom.with_attr("tr", "data-recipe")
+    assert any(a.get("id") == "recipes-hidden" for _, a in dom.elements), done.stdout[-3000:]
+    # ... then signed in as the admin (/ui/login challenges, the browser answers with the
+    # URL's credentials and then sends them with the page's own requests).
+    admin_url = svc.url.replace("http://", f"http://{ADMIN}:{TOKEN}@") + "/ui/login"
+    done = run_chromium(browser, profile, "--dump-dom", admin_url)
     assert done.returncode == 0, done.stderr[-2000:]
     dom = Elements()
     dom.feed(done.stdout)
@@ -120,7 +135,7 @@ def test_dashboard_shows_the_traffic(service_factory, tmp_path):
     shot = artifacts_dir() / "dashboard.png"
     shot.unlink(missing_ok=True)
     done = run_chromium(browser, profile, f"--screenshot={shot}", "--window-size=1280,900",
-                        "--hide-scrollbars", svc.url + "/ui/")
+                        "--hide-scrollbars", admin_url)
     assert done.returncode == 0, done.stderr[-2000:]
     assert shot.stat().st_size > 10_000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -139,4 +154,6 @@ def test_dashboard_needs_read(service_factory):
     assert b"http://" not in body and b"https://" not in body  # nothing from elsewhere
     assert call(svc.port, "GET", "/ui/nope.js", headers=basic(ADMIN, TOKEN))[0] == 404
     status, headers, _ = call(svc.port, "GET", "/ui", headers=basic(ADMIN, TOKEN))
+    assert status == 302 and headers["Location"] == "/ui/"
+    status, headers, _ = call(svc.port, "GET", "/ui/login", headers=basic(ADMIN, TOKEN))
     assert status == 302 and headers["Location"] == "/ui/"

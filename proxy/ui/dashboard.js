@@ -113,7 +113,13 @@ function render(data) {
   }
 
   const body = $("misses").tBodies[0];
-  if (data.top_missed_recipes.length === 0) {
+  if (data.top_missed_recipes === null) {
+    body.replaceChildren(el("tr", {}, ""));
+    const note = el("td", { colspan: 2, class: "muted", id: "recipes-hidden" },
+      "recipe names are task data, shown to users with @task-data: ");
+    note.append(el("a", { href: "login" }, "sign in"));
+    body.rows[0].append(note);
+  } else if (data.top_missed_recipes.length === 0) {
     body.replaceChildren(el("tr", {}, ""));
     body.rows[0].append(el("td", { colspan: 2, class: "muted" }, "no misses"));
   } else {
@@ -133,7 +139,11 @@ let timer = null;
 async function load() {
   clearTimeout(timer);
   try {
-    const response = await fetch("api/summary?minutes=" + $("minutes").value, { cache: "no-store" });
+    // Built on the origin: a page opened as http://user:token@host/ui/ would otherwise resolve
+    // the relative URL with those credentials in it, which fetch() refuses; the browser sends
+    // the page's credentials itself (same origin, same realm).
+    const url = new URL("api/summary?minutes=" + $("minutes").value, location.origin + location.pathname);
+    const response = await fetch(url, { cache: "no-store", credentials: "same-origin" });
     if (!response.ok) throw new Error(response.status + " " + (await response.text()).trim());
     render(await response.json());
   } catch (e) {
