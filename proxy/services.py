@@ -14,6 +14,7 @@ from proxy.mirror import Mirror
 from proxy.reports import Reporter
 from proxy.resolver import Resolver
 from proxy.uploads import Uploads
+from proxy.upstream import UpstreamMirrors
 from storage import ObjectStore
 from storage.equivalence import EquivalenceDB
 
@@ -30,6 +31,7 @@ class Services:
     uploads: Uploads
     equiv: EquivalenceAPI
     metrics: Metrics
+    upstream: UpstreamMirrors | None = None  # [upstream] mirrors
 
 
 SERVICES = web.AppKey("services", Services)
