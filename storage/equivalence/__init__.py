@@ -13,7 +13,7 @@ parts. Writes are answered after their commit.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -46,6 +46,21 @@ class User:
     username: str
     token_hash: str  # "sha256:<salt>:<hex>" as bitbake stores it
     permissions: tuple[str, ...]  # raw stored permissions, e.g. ("@all",)
+
+
+# Where a catalogued object came from: 'local' (published by PUT or import, or simply found in the
+# store) or 'upstream' (pulled through from an upstream mirror).
+ORIGINS = ("local", "upstream")
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectRow:
+    """One object of the catalog (``sstate_proxy_objects``)."""
+
+    key: str
+    size: int
+    origin: str  # one of ORIGINS
+    last_access: float  # unix seconds
 
 
 class DatabaseUnavailable(Exception):
@@ -188,6 +203,50 @@ class EquivalenceDB(Protocol):
     async def dedup_stats(self) -> dict[str, int]:
         """{"objects": recorded keys, "unique": distinct stored archives, "bytes_saved": bytes of
         the aliases (not stored)}."""
+
+    # --- the object catalog (retention; sstate-proxy's own tables, NOT hash equivalence) -----
+    # ``sstate_proxy_objects``: its writes do not move generation() on PostgreSQL (on SQLite every
+    # commit moves ``data_version``). ``sstate_proxy_removals``: the log of removed keys, which
+    # other processes read to drop them from their store caches (see removals_since).
+    async def touch_objects(self, accessed: Mapping[str, float]) -> None:
+        """Batch upsert of access times (key -> unix seconds): last_access = max(old, new); an
+        unknown key is inserted with size 0 and origin 'local'. One transaction."""
+
+    async def record_object(self, key: str, size: int, origin: str, when: float) -> None:
+        """Upsert ``key``: sets size and origin (one of ORIGINS, else ValueError),
+        last_access = max(old, when)."""
+
+    async def object_usage(self, origin: str | None = None) -> tuple[int, int]:
+        """(objects, bytes) of the catalog, of one origin or (None) of all."""
+
+    async def lru_objects(self, origin: str | None, limit: int) -> list[ObjectRow]:
+        """At most ``limit`` rows of one origin (None: any), least recently accessed first."""
+
+    def iter_objects(self, batch: int = 5000) -> AsyncIterator[list[ObjectRow]]:
+        """Every catalog row, in lists of at most ``batch``, in key order (one snapshot)."""
+
+    async def forget_objects(self, keys: Sequence[str]) -> int:
+        """The objects ``keys`` were removed from the store: drop their catalog rows and append
+        them to the removal log, in one transaction (log entries older than a day are pruned).
+        Returns the number of catalog rows deleted (a key not catalogued is still logged)."""
+
+    async def removals_since(self, after: int | None) -> tuple[int, list[str]]:
+        """Keys removed after log position ``after``, oldest first, at most REMOVALS_BATCH, and
+        the position to ask from next time. ``after=None``: the current position and [] (where a
+        new reader starts). Positions follow commit order."""
+
+
+# At most this many keys per removals_since answer (the reader asks again for the rest).
+REMOVALS_BATCH = 10000
+# Removal log entries older than this are pruned: every live reader polls within seconds, and an
+# S3 index re-lists the bucket far more often than this anyway.
+REMOVALS_KEEP_S = 86400.0
+
+
+def check_origin(origin: str) -> str:
+    if origin not in ORIGINS:
+        raise ValueError(f"bad object origin {origin!r}: one of {', '.join(ORIGINS)}")
+    return origin
 
 
 def open_equivalence_db(url: str, *, read_only: bool = False, pool_size: int | None = None) -> EquivalenceDB:

@@ -119,10 +119,30 @@ def _pg_notify_triggers() -> tuple[str, ...]:
     return tuple(out)
 
 
+# --- 3: the object catalog and the removal log (retention) -----------------------------------------
+def _sqlite_catalog(conn: sqlite3.Connection) -> None:
+    for table in schema.CATALOG_TABLES:
+        conn.execute(schema.create_table(table))
+    for index in schema.CATALOG_INDEXES:
+        conn.execute(schema.create_index(index))
+
+
+# The catalog is written on every access flush: it must not notify (it would drop every
+# resolver's caches). A removal must: the removal log's inserts notify like the hash tables'
+# (generation() moves, and the S3 indexes read the log).
+_PG_CATALOG = (
+    *(schema.pg_create_table(t) for t in schema.CATALOG_TABLES),
+    *(schema.pg_create_index(i) for i in schema.CATALOG_INDEXES),
+    f"DROP TRIGGER IF EXISTS sstate_proxy_notify_insert ON {schema.REMOVALS.name}",
+    f"CREATE TRIGGER sstate_proxy_notify_insert AFTER INSERT ON {schema.REMOVALS.name} REFERENCING NEW "
+    "TABLE AS sstate_proxy_changed FOR EACH STATEMENT EXECUTE FUNCTION sstate_proxy_notify()",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "bitbake-hashserv schema and sstate_proxy_archives", sqlite=_sqlite_base, postgres=_PG_BASE),
     # SQLite needs nothing: `PRAGMA data_version` already moves on every commit by anyone.
     Migration(2, "change notifications for generation()", sqlite=None, postgres=_pg_notify_triggers()),
+    Migration(3, "object catalog and removal log", sqlite=_sqlite_catalog, postgres=_PG_CATALOG),
 )
 
 LATEST = MIGRATIONS[-1].version

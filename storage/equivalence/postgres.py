@@ -54,8 +54,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -65,11 +66,15 @@ from storage.equivalence import (
     COPY_COLUMNS,
     OUTHASH_COLUMNS,
     OUTHASH_TEXT_COLUMNS,
+    REMOVALS_BATCH,
+    REMOVALS_KEEP_S,
     UNIHASH_COLUMNS,
     DatabaseUnavailable,
+    ObjectRow,
     ReadOnlyError,
     Row,
     User,
+    check_origin,
     migrations,
     schema,
 )
@@ -91,6 +96,10 @@ IDLE_CONNECTION_S = 300.0
 LISTENER_PING_S = 10.0
 LISTENER_RETRY_MAX_S = 5.0
 GC_MARK_NAME = "gc-mark"
+# The transaction advisory lock every removal-log append holds: appends commit one at a time, in
+# sequence order, so a reader that has seen position N can never later find a smaller one
+# committed ("sslr").
+REMOVALS_LOCK = 0x73736C72
 
 _UNIHASH_ONLY = tuple(c for c in UNIHASH_COLUMNS if c not in OUTHASH_COLUMNS)
 _OUTHASH_KEYS = ("id", *OUTHASH_COLUMNS)
@@ -776,6 +785,111 @@ class PostgresEquivalenceDB:
         if r is None:
             return {"objects": 0, "unique": 0, "bytes_saved": 0}
         return {"objects": int(r[0]), "unique": int(r[1]), "bytes_saved": int(r[2])}
+
+    # --- the object catalog (retention) ----------------------------------------------------------
+    # No trigger on sstate_proxy_objects: its writes never move generation() (migration 3).
+    async def _catalog_read(self, fn: Callable[[asyncpg.Connection], Awaitable[T]], empty: T) -> T:
+        """A read of the catalog; ``empty`` on a read-only open of a database never migrated."""
+        try:
+            return await self._run(fn)
+        except asyncpg.UndefinedTableError:
+            if self.read_only:
+                return empty
+            raise
+
+    async def touch_objects(self, accessed: Mapping[str, float]) -> None:
+        if not accessed:
+            return
+        keys = sorted(accessed)  # one lock order for every writer: concurrent flushes never deadlock
+        times = [float(accessed[k]) for k in keys]
+        await self._run(lambda c: c.execute(
+            "INSERT INTO sstate_proxy_objects (key, size, origin, last_access) "
+            "SELECT k, 0, 'local', t FROM unnest($1::text[], $2::float8[]) WITH ORDINALITY AS r(k, t, o) "
+            "ORDER BY o ON CONFLICT (key) DO UPDATE SET last_access = excluded.last_access "
+            "WHERE excluded.last_access > sstate_proxy_objects.last_access",
+            keys, times, timeout=BULK_TIMEOUT_S), write=True)
+
+    async def record_object(self, key: str, size: int, origin: str, when: float) -> None:
+        check_origin(origin)
+        await self._run(lambda c: c.execute(
+            "INSERT INTO sstate_proxy_objects (key, size, origin, last_access) VALUES ($1, $2, $3, $4) "
+            "ON CONFLICT (key) DO UPDATE SET size = excluded.size, origin = excluded.origin, "
+            "last_access = GREATEST(sstate_proxy_objects.last_access, excluded.last_access)",
+            key, int(size), origin, float(when)), write=True)
+
+    async def object_usage(self, origin: str | None = None) -> tuple[int, int]:
+        sql = "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM sstate_proxy_objects"
+        args: tuple[Any, ...] = ()
+        if origin is not None:
+            sql, args = sql + " WHERE origin = $1", (check_origin(origin),)
+        r = await self._catalog_read(lambda c: c.fetchrow(sql, *args, timeout=BULK_TIMEOUT_S), None)
+        return (0, 0) if r is None else (int(r[0]), int(r[1]))
+
+    async def lru_objects(self, origin: str | None, limit: int) -> list[ObjectRow]:
+        if limit <= 0:
+            return []
+        select = "SELECT key, size, origin, last_access FROM sstate_proxy_objects"
+        if origin is None:
+            sql, args = f"{select} ORDER BY last_access LIMIT $1", (limit,)
+        else:
+            sql, args = f"{select} WHERE origin = $1 ORDER BY last_access LIMIT $2", (check_origin(origin), limit)
+        rows = await self._catalog_read(lambda c: c.fetch(sql, *args, timeout=BULK_TIMEOUT_S), [])
+        return [ObjectRow(r[0], int(r[1]), r[2], float(r[3])) for r in rows]
+
+    async def iter_objects(self, batch: int = 5000) -> AsyncIterator[list[ObjectRow]]:
+        """Every row in key order through a cursor in one read-only REPEATABLE READ transaction."""
+        if batch <= 0:
+            raise ValueError("batch must be positive")
+        pool = await self._get_pool()
+        try:
+            async with pool.acquire(timeout=CONNECT_TIMEOUT_S) as conn:
+                if not await conn.fetchval("SELECT to_regclass('sstate_proxy_objects') IS NOT NULL"):
+                    return
+                async with conn.transaction(isolation="repeatable_read", readonly=True):
+                    cursor = await conn.cursor(
+                        "SELECT key, size, origin, last_access FROM sstate_proxy_objects ORDER BY key")
+                    while True:
+                        records = await cursor.fetch(batch, timeout=BULK_TIMEOUT_S)
+                        if not records:
+                            break
+                        yield [ObjectRow(r[0], int(r[1]), r[2], float(r[3])) for r in records]
+        except Exception as exc:
+            if _is_unavailable(exc):
+                raise _unavailable(exc) from exc
+            raise
+
+    async def forget_objects(self, keys: Sequence[str]) -> int:
+        if not keys:
+            return 0
+        keys = list(keys)
+        now = time.time()
+
+        async def tx(c: asyncpg.Connection) -> int:
+            await c.execute("SELECT pg_advisory_xact_lock($1)", REMOVALS_LOCK)
+            # rows locked in key order, as touch_objects locks them: the two never deadlock
+            n = _count(await c.execute(
+                "DELETE FROM sstate_proxy_objects WHERE key IN (SELECT key FROM sstate_proxy_objects "
+                "WHERE key = ANY($1::text[]) ORDER BY key FOR UPDATE)", keys, timeout=BULK_TIMEOUT_S))
+            await c.execute(
+                "INSERT INTO sstate_proxy_removals (key, removed) "
+                "SELECT k, $2 FROM unnest($1::text[]) WITH ORDINALITY AS r(k, o) ORDER BY o",
+                keys, now, timeout=BULK_TIMEOUT_S)
+            await c.execute("DELETE FROM sstate_proxy_removals WHERE removed < $1", now - REMOVALS_KEEP_S)
+            return n
+
+        n = await self._run(tx, write=True)
+        self._gen += 1  # the removal log changed (the trigger tells the other instances)
+        return n
+
+    async def removals_since(self, after: int | None) -> tuple[int, list[str]]:
+        if after is None:
+            seq = await self._catalog_read(
+                lambda c: c.fetchval("SELECT COALESCE(MAX(seq), 0) FROM sstate_proxy_removals"), 0)
+            return int(seq), []
+        rows = await self._catalog_read(lambda c: c.fetch(
+            "SELECT seq, key FROM sstate_proxy_removals WHERE seq > $1 ORDER BY seq LIMIT $2",
+            after, REMOVALS_BATCH), [])
+        return (int(rows[-1][0]) if rows else after), [r[1] for r in rows]
 
     # --- bulk copy (`sstate-proxy db copy`) ----------------------------------------------------
     async def iter_rows(self, table: str, batch: int = 2000) -> AsyncIterator[list[Row]]:

@@ -87,6 +87,26 @@ ARCHIVES = Table("sstate_proxy_archives", (
 
 TABLES = (UNIHASHES, OUTHASHES, USERS, CONFIG, ARCHIVES)
 
+# The object catalog (migration 3; retention): every object the service knows of, its size, where
+# it came from ('local': published or found in the store; 'upstream': pulled through) and when it
+# was last served (unix seconds). NOT hash equivalence: its writes never move generation().
+OBJECTS = Table("sstate_proxy_objects", (
+    Column("key", "TEXT", "PRIMARY KEY"),
+    Column("size", "INTEGER", "NOT NULL"),
+    Column("origin", "TEXT", "NOT NULL"),
+    Column("last_access", "REAL", "NOT NULL"),
+))
+
+# The removal log (migration 3): keys removed from the store (gc, eviction), in commit order, so
+# that every process's store caches (the S3 existence index) drop them within a poll.
+REMOVALS = Table("sstate_proxy_removals", (
+    Column("seq", "INTEGER", "PRIMARY KEY AUTOINCREMENT"),
+    Column("key", "TEXT", "NOT NULL"),
+    Column("removed", "REAL", "NOT NULL"),
+))
+
+CATALOG_TABLES = (OBJECTS, REMOVALS)
+
 # sstate-proxy's schema versions (storage.equivalence.migrations): one row per applied migration.
 MIGRATIONS = Table("sstate_proxy_migrations", (
     Column("version", "INTEGER", "PRIMARY KEY"),
@@ -95,7 +115,7 @@ MIGRATIONS = Table("sstate_proxy_migrations", (
 ))
 
 # Tables that are sstate-proxy's own (not hash equivalence): left out of `get_usage`.
-OWN_TABLES = (ARCHIVES.name, MIGRATIONS.name)
+OWN_TABLES = (ARCHIVES.name, MIGRATIONS.name, OBJECTS.name, REMOVALS.name)
 
 INDEXES = (
     Index("taskhash_lookup_v4", "unihashes_v3", ("method", "taskhash")),
@@ -104,6 +124,14 @@ INDEXES = (
     Index("config_lookup", "config", ("name",)),
     Index("sstate_proxy_archives_identity", "sstate_proxy_archives", ("identity",)),
     Index("sstate_proxy_archives_canonical", "sstate_proxy_archives", ("canonical",)),
+)
+
+# The catalog's indexes (migration 3): least recently used first, overall and per origin; the
+# removal log pruned by age.
+CATALOG_INDEXES = (
+    Index("sstate_proxy_objects_lru", "sstate_proxy_objects", ("last_access",)),
+    Index("sstate_proxy_objects_origin_lru", "sstate_proxy_objects", ("origin", "last_access")),
+    Index("sstate_proxy_removals_removed", "sstate_proxy_removals", ("removed",)),
 )
 
 # Indexes of older bitbake schemas, dropped at open as bitbake does.
@@ -129,6 +157,7 @@ _PG_TYPES = {
     "TEXT": "text",
     "DATETIME": "timestamp without time zone",
     "INTEGER": "bigint",  # SQLite's INTEGER is 64-bit (object sizes); serial ids are handled apart
+    "REAL": "double precision",
 }
 
 
@@ -141,7 +170,9 @@ def pg_create_table(table: Table) -> str:
     parts = []
     for c in table.columns:
         if c.flags == "PRIMARY KEY AUTOINCREMENT":
-            parts.append(f"{pg_ident(c.name)} serial PRIMARY KEY")
+            # bitbake's tables have serial ids; sstate-proxy's own logs may outgrow 32 bits
+            serial = "bigserial" if table.name.startswith("sstate_proxy_") else "serial"
+            parts.append(f"{pg_ident(c.name)} {serial} PRIMARY KEY")
             continue
         if table is MIGRATIONS and c.name == "version":
             parts.append("version integer PRIMARY KEY")

@@ -43,7 +43,9 @@ Deviations from the reference (all deliberate):
 * A write transaction that changed no row (only ignored ``INSERT OR IGNORE``) is rolled back
   rather than committed, so other processes' caches (``data_version``) are not flushed for nothing.
 * The table ``sstate_proxy_archives`` (storage dedup, see storage.dedup) is sstate-proxy's own;
-  bitbake-hashserv ignores it.
+  bitbake-hashserv ignores it. So are the object catalog ``sstate_proxy_objects`` and the removal
+  log ``sstate_proxy_removals`` (migration 3, retention); the log's sequence is commit order
+  because this engine has one writer.
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ import logging
 import queue
 import sqlite3
 import threading
-from collections.abc import AsyncIterator, Callable, Iterable
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -62,11 +65,15 @@ from storage.equivalence import (
     COPY_COLUMNS,
     OUTHASH_COLUMNS,
     OUTHASH_TEXT_COLUMNS,
+    REMOVALS_BATCH,
+    REMOVALS_KEEP_S,
     UNIHASH_COLUMNS,
     DatabaseUnavailable,
+    ObjectRow,
     ReadOnlyError,
     Row,
     User,
+    check_origin,
     migrations,
     schema,
 )
@@ -112,6 +119,19 @@ _INSERT_UNIHASH = (
     "INSERT OR IGNORE INTO unihashes_v3 (method, taskhash, unihash, gc_mark) VALUES "
     "(?, ?, ?, COALESCE((SELECT value FROM config WHERE name = 'gc-mark'), ''))"
 )
+# The catalog: a touch changes a row only when it moves last_access forward (so a flush of
+# nothing new commits nothing); a record sets size and origin.
+_TOUCH_OBJECT = (
+    "INSERT INTO sstate_proxy_objects (key, size, origin, last_access) VALUES (?, 0, 'local', ?) "
+    "ON CONFLICT(key) DO UPDATE SET last_access = excluded.last_access "
+    "WHERE excluded.last_access > sstate_proxy_objects.last_access"
+)
+_RECORD_OBJECT = (
+    "INSERT INTO sstate_proxy_objects (key, size, origin, last_access) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT(key) DO UPDATE SET size = excluded.size, origin = excluded.origin, "
+    "last_access = MAX(sstate_proxy_objects.last_access, excluded.last_access)"
+)
+_OBJECT_SELECT = "SELECT key, size, origin, last_access FROM sstate_proxy_objects"
 
 
 def utc_iso(value: datetime | str | None = None) -> str:
@@ -734,6 +754,91 @@ class SqliteEquivalenceDB:
             "COALESCE(SUM(CASE WHEN canonical != key THEN size ELSE 0 END), 0) FROM sstate_proxy_archives")
         assert r is not None
         return {"objects": r[0], "unique": r[1], "bytes_saved": r[2]}
+
+    # --- the object catalog (retention) ----------------------------------------------------------
+    def _has_catalog(self) -> bool:
+        """False only for a read-only open of a file this service never migrated (no tables)."""
+        return self._writer is not None or self._one(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'sstate_proxy_objects'") is not None
+
+    async def touch_objects(self, accessed: Mapping[str, float]) -> None:
+        if not accessed:
+            return
+        rows = [(k, float(t)) for k, t in accessed.items()]
+        await self._write(lambda c: c.executemany(_TOUCH_OBJECT, rows))
+
+    async def record_object(self, key: str, size: int, origin: str, when: float) -> None:
+        check_origin(origin)
+        await self._write(lambda c: c.execute(_RECORD_OBJECT, (key, int(size), origin, float(when))))
+
+    async def object_usage(self, origin: str | None = None) -> tuple[int, int]:
+        if not self._has_catalog():
+            return 0, 0
+        where, params = ("", ()) if origin is None else (" WHERE origin = ?", (check_origin(origin),))
+
+        def count(c: sqlite3.Connection) -> tuple[int, int]:
+            r = c.execute(f"SELECT COUNT(*), COALESCE(SUM(size), 0) FROM sstate_proxy_objects{where}",
+                          params).fetchone()
+            return int(r[0]), int(r[1])
+
+        return await self._heavy_read(count)
+
+    async def lru_objects(self, origin: str | None, limit: int) -> list[ObjectRow]:
+        if limit <= 0 or not self._has_catalog():
+            return []
+        where, params = ("", ()) if origin is None else (" WHERE origin = ?", (check_origin(origin),))
+        sql = f"{_OBJECT_SELECT}{where} ORDER BY last_access LIMIT ?"
+
+        def run(c: sqlite3.Connection) -> list[ObjectRow]:
+            return [ObjectRow(*r) for r in c.execute(sql, (*params, limit))]
+
+        return await self._heavy_read(run)
+
+    async def iter_objects(self, batch: int = 5000) -> AsyncIterator[list[ObjectRow]]:
+        """Every row in key order, ``batch`` at a time, from one snapshot (a read transaction on
+        a connection of its own, in a thread)."""
+        if batch <= 0:
+            raise ValueError("batch must be positive")
+        if not self._has_catalog():
+            return
+        conn = await asyncio.to_thread(_connect, self.path, read_only=True, busy_timeout_s=self.busy_timeout_s)
+        try:
+            await asyncio.to_thread(conn.execute, "BEGIN")
+            rows = await asyncio.to_thread(self._fetch, conn, f"{_OBJECT_SELECT} ORDER BY key LIMIT ?", (batch,))
+            while rows:
+                yield [ObjectRow(*r) for r in rows]
+                if len(rows) < batch:
+                    break
+                rows = await asyncio.to_thread(
+                    self._fetch, conn, f"{_OBJECT_SELECT} WHERE key > ? ORDER BY key LIMIT ?", (rows[-1][0], batch))
+        finally:
+            await asyncio.to_thread(conn.close)
+
+    async def forget_objects(self, keys: Sequence[str]) -> int:
+        if not keys:
+            return 0
+        now = time.time()
+        gone = [(k,) for k in keys]
+        logged = [(k, now) for k in keys]
+
+        def tx(c: sqlite3.Connection) -> int:
+            n = c.executemany("DELETE FROM sstate_proxy_objects WHERE key = ?", gone).rowcount
+            c.executemany("INSERT INTO sstate_proxy_removals (key, removed) VALUES (?, ?)", logged)
+            c.execute("DELETE FROM sstate_proxy_removals WHERE removed < ?", (now - REMOVALS_KEEP_S,))
+            return n
+
+        return await self._write(tx)
+
+    async def removals_since(self, after: int | None) -> tuple[int, list[str]]:
+        """An indexed read on the loop (the writer is the only writer: seq order is commit order)."""
+        if not self._has_catalog():
+            return (after or 0), []
+        if after is None:
+            r = self._one("SELECT COALESCE(MAX(seq), 0) FROM sstate_proxy_removals")
+            return int(r[0]) if r else 0, []
+        rows = self._rows("SELECT seq, key FROM sstate_proxy_removals WHERE seq > ? ORDER BY seq LIMIT ?",
+                          (after, REMOVALS_BATCH))
+        return (rows[-1][0] if rows else after), [r[1] for r in rows]
 
     # --- bulk copy (`sstate-proxy db copy`) ----------------------------------------------------
     async def iter_rows(self, table: str, batch: int = 2000) -> AsyncIterator[list[Row]]:
