@@ -51,7 +51,8 @@ log = logging.getLogger("sstate_proxy.upstream")
 FOUND_TTL_S = 60.0  # an upstream HEAD 200 answers the HEADs and the GET that follow it this long
 CACHE_ENTRIES = 65536  # per cache (found, missing), per worker
 MAX_CONNECTIONS = 32  # upstream connections per worker, all mirrors together
-CHUNK = 256 * 1024
+CHUNK = 1024 * 1024  # most bytes read from an upstream at once (a read returns what has come)
+CLIENT_QUEUE = 16  # chunks a streamed pull may be ahead of its client
 LOCK_THREADS = 8  # threads that may wait for another process's pull of a key
 # S3 (and some CDNs) answer 403 for a missing key when listing is not allowed: a miss, as bitbake
 # takes it.
@@ -401,24 +402,33 @@ class UpstreamMirrors:
             await self._stored(key, result)
             return Pulled("stored")
 
+        # The client is written to by a task of its own, fed through a bounded queue: the
+        # upstream read, the store's writes and the client's socket overlap instead of taking
+        # turns; a client CLIENT_QUEUE chunks behind slows the pull down (memory stays bounded).
         client_ok = True
+        queue: asyncio.Queue[bytes | None] = asyncio.Queue(CLIENT_QUEUE)
+
+        async def to_client() -> None:
+            nonlocal client_ok
+            while (chunk := await queue.get()) is not None:
+                if not client_ok:
+                    continue
+                try:
+                    # A client that stops reading must not hold the pull (and its waiters)
+                    # hostage: it is dropped, the object is still stored.
+                    async with asyncio.timeout(self.timeout_s):
+                        await sink.write(chunk)
+                except (ConnectionError, TimeoutError) as e:
+                    client_ok = False
+                    log.info("upstream pull of %s: client dropped (%s); storing it anyway", key, type(e).__name__)
 
         async def tee() -> AsyncIterator[bytes]:
-            nonlocal client_ok
             async for chunk in r.content.iter_chunked(CHUNK):
-                if client_ok:
-                    try:
-                        # A client that stops reading must not hold the pull (and the waiters)
-                        # hostage: it is dropped, the object is still stored.
-                        async with asyncio.timeout(self.timeout_s):
-                            await sink.write(chunk)
-                    except (ConnectionError, TimeoutError) as e:
-                        client_ok = False
-                        log.info("upstream pull of %s: client dropped (%s); storing it anyway", key,
-                                 type(e).__name__)
+                await queue.put(chunk)
                 yield chunk
 
         await sink.start(size)
+        writer = asyncio.get_running_loop().create_task(to_client())
         chunks = tee()
         try:
             result = await self.store.put(key, chunks, size=size)
@@ -426,11 +436,14 @@ class UpstreamMirrors:
             # the client still gets the whole upstream body
             async for _ in chunks:
                 pass
+            await queue.put(None)
+            await writer
         except _FAILURES as e:
             log.warning("upstream mirror %s: GET %s cut short (%s: %s); nothing kept, client cut", base, key,
                         type(e).__name__, e)
             raise UpstreamCut(f"upstream transfer of {key} failed") from e
         finally:
+            writer.cancel()
             await chunks.aclose()
         await self._stored(key, result)
         if not client_ok:
