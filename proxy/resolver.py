@@ -162,7 +162,8 @@ class Resolver:
         "equivalent", and no candidates)."""
         if name is None:
             return None, [Candidate(key, "")]
-        if self._ask_upstream is not None and self.limit > 0 and await self._learn_upstream(name.hash):
+        if (self._ask_upstream is not None and self.limit > 0 and name.hash != "INVALID"
+                and await self._learn_upstream(name.hash)):
             found = await self._search(name)
             if found is not None:
                 self._negative.pop(key, None)
