@@ -4,23 +4,13 @@ that unihash. Two sstate-proxy instances stand in for the public mirror and the 
 
 from __future__ import annotations
 
-import http.client
 import json
 import time
 from urllib.parse import quote
 
 from tests.bbfetch import BitbakeMirrorClient
 from tests.corpus import make_corpus
-
-
-def call(svc, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
-    conn = http.client.HTTPConnection("127.0.0.1", svc.port, timeout=20)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        resp = conn.getresponse()
-        return resp, resp.read()
-    finally:
-        conn.close()
+from tests.test_rewrite import call
 
 
 def report(svc, method: str, taskhash: str, outhash: str, unihash: str) -> str:
