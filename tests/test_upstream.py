@@ -101,20 +101,24 @@ def test_upstream_404_is_remembered_then_asked_again(service_factory, origin):
 
 
 def test_50_concurrent_gets_make_one_upstream_get(service_factory, tmp_path):
+    """Within a worker (a future per key) and across processes (a file lock per key)."""
     o = Origin(tmp_path / "origin", free_port(), rate=8 * 1024 * 1024)
     key = "ab/cd/sstate:big:core2-64-poky-linux:1.0:r0:core2-64:14:abcd" + "1" * 60 + "_package.tar.zst"
     data = os.urandom(2 * 1024 * 1024 + 17)
     (o.root / key).parent.mkdir(parents=True)
     (o.root / key).write_bytes(data)
     with o:
-        svc = service_factory("proxy", config={"upstream": {"mirrors": [o.url], "timeout_s": 5.0}},
-                              args=["--workers", "2"]).start()
+        upstream = {"mirrors": [o.url], "timeout_s": 5.0}
+        svc = service_factory("proxy", config={"upstream": upstream}, args=["--workers", "2"]).start()
+        # a second service on the same store and database: other processes for certain
+        other = service_factory("other", config={"upstream": upstream, "storage": {"path": str(svc.storage)},
+                                                 "database": {"url": f"sqlite:///{svc.database}"}}).start()
         barrier = threading.Barrier(50)
         results: list = [None] * 50
 
         def one(i: int) -> None:
             barrier.wait()
-            resp, body = call(svc, "GET", key, timeout=30)
+            resp, body = call(svc if i % 2 else other, "GET", key, timeout=30)
             results[i] = (resp.status, body)
 
         threads = [threading.Thread(target=one, args=(i,)) for i in range(50)]
