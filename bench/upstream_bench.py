@@ -49,8 +49,14 @@ TARGET_CACHED = 0.95  # throughput of a cached GET / a local hit, at least
 COMMANDS: list[str] = []
 
 
+PLACES: dict[str, str] = {sys.executable: "python", str(REPO): "$REPO"}  # paths -> how the table names them
+
+
 def note(cmd: list[str] | str) -> None:
-    COMMANDS.append(cmd if isinstance(cmd, str) else shlex.join(cmd))
+    text = cmd if isinstance(cmd, str) else shlex.join(cmd)
+    for path, name in PLACES.items():
+        text = text.replace(path, name)
+    COMMANDS.append(text)
 
 
 def start_nginx(d: Path, root: Path, rate: str) -> tuple[subprocess.Popen, int]:
@@ -125,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     note(["python", "bench/upstream_bench.py", *(argv if argv is not None else sys.argv[1:])])
     d = Path(tempfile.mkdtemp(prefix="upstream-bench-"))
     d.chmod(0o755)  # nginx's workers (another user when started as root) read the upstream files
+    PLACES[str(d)] = "$DIR"
     upstream = d / "upstream"
     procs: list[subprocess.Popen | None] = []
     failed = False
