@@ -19,7 +19,7 @@ from proxy import names
 from proxy.http_auth import require
 from proxy.metrics import Metrics
 from proxy.resolver import Candidate, Resolution, Resolver
-from proxy.upstream import UpstreamMirrors
+from proxy.upstream import Pulled, UpstreamMirrors
 from storage import Body, ByteStream, LocalFile, Meta, ObjectStore, RedirectURL
 
 log = logging.getLogger("sstate_proxy.mirror")
@@ -291,7 +291,7 @@ class Mirror:
                 return stored
         return None
 
-    async def _pulled(self, cand: Candidate, pulled) -> Resolution | None:
+    async def _pulled(self, cand: Candidate, pulled: Pulled) -> Resolution | None:
         """The stored object after a pull that says it is stored, else None."""
         if pulled.status != "stored":
             return None
