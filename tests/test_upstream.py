@@ -16,6 +16,7 @@ import pytest
 from proxy.config import ConfigError, load
 from tests.corpus import make_corpus
 from tests.service import free_port
+from tests.test_rewrite import report
 from tests.upstream_origin import Origin
 
 SOURCE = "X-Sstate-Source"
@@ -68,7 +69,8 @@ def test_head_answers_from_upstream_get_pulls_once_then_served_locally(service_f
     assert resp.status == 200 and resp.getheader(SOURCE) == "hit" and body == data
     resp, _ = call(svc, "HEAD", key)
     assert resp.status == 200 and resp.getheader(SOURCE) == "hit"
-    assert origin.counts()[f"GET {key}"] == 1
+    counts = origin.counts()
+    assert counts[f"GET {key}"] == 1 and counts[f"HEAD {key}"] == 1  # local answers cost nothing upstream
     # a Range request of an object not yet pulled: pulled whole, then answered from the store
     other = c.objects[1]
     resp, body = call(svc, "GET", other, {"Range": "bytes=10-19"})
@@ -98,6 +100,29 @@ def test_upstream_404_is_remembered_then_asked_again(service_factory, origin):
     (origin.root / missing).write_bytes(c.read(src))
     resp, body = call(svc, "GET", missing)
     assert resp.status == 200 and body == c.read(src)
+
+
+def test_equivalent_names_are_asked_upstream_after_the_requested_one(service_factory, tmp_path):
+    """The local rewrite knows T -> U, only the upstream has U's object (and .siginfo)."""
+    o = Origin(tmp_path / "origin", free_port())
+    c = make_corpus(o.root, n=10, seed=6, equiv_fraction=0.5)
+    d = c.details[0]
+    with o:
+        svc = service_factory("proxy", config={"upstream": {"mirrors": [o.url]}},
+                              args=["--anon-perms", "@read,@report"]).start()
+        report(svc, d.unihash, d.outhash, d.unihash, method=d.method, key="unihash")
+        assert report(svc, d.taskhash, d.outhash, d.taskhash, method=d.method, key="unihash")["unihash"] == d.unihash
+        for method in ("HEAD", "GET"):
+            resp, body = call(svc, method, d.taskhash_key)
+            assert resp.status == 200 and resp.getheader(SOURCE) == "upstream"
+            assert resp.getheader("X-Sstate-Served-Hash") == d.unihash
+        assert body == c.read(d.unihash_key)
+        resp, body = call(svc, "GET", d.taskhash_key + ".siginfo")  # follows its object
+        assert resp.status == 200 and body == c.read(d.unihash_key + ".siginfo")
+        counts = o.counts()
+        # the requested name first (a miss upstream, remembered), then the equivalent one
+        assert counts[f"HEAD {d.taskhash_key}"] == 1 and f"GET {d.taskhash_key}" not in counts
+        assert counts[f"GET {d.unihash_key}"] == 1
 
 
 def test_50_concurrent_gets_make_one_upstream_get(service_factory, tmp_path):

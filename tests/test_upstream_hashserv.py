@@ -4,20 +4,12 @@ that unihash. Two sstate-proxy instances stand in for the public mirror and the 
 
 from __future__ import annotations
 
-import json
 import time
 from urllib.parse import quote
 
 from tests.bbfetch import BitbakeMirrorClient
 from tests.corpus import make_corpus
-from tests.test_rewrite import call
-
-
-def report(svc, method: str, taskhash: str, outhash: str, unihash: str) -> str:
-    body = json.dumps({"taskhash": taskhash, "method": method, "outhash": outhash, "unihash": unihash})
-    resp, text = call(svc, "POST", "/v1/equivalent", body.encode(), {"Content-Type": "application/json"})
-    assert resp.status == 200, text
-    return json.loads(text)["unihash"]
+from tests.test_rewrite import call, report
 
 
 def test_taskhash_known_only_upstream_is_answered_with_the_upstream_unihash_object(service_factory, tmp_path):
@@ -28,8 +20,8 @@ def test_taskhash_known_only_upstream_is_answered_with_the_upstream_unihash_obje
     d = corpus.details[0]
     other = next(e for e in corpus.details if e.unihash != d.unihash)
     for e in (d, other):
-        report(public_hashserv, e.method, e.unihash, e.outhash, e.unihash)  # the first builder
-        assert report(public_hashserv, e.method, e.taskhash, e.outhash, e.taskhash) == e.unihash
+        report(public_hashserv, e.unihash, e.outhash, e.unihash, method=e.method)  # the first builder
+        assert report(public_hashserv, e.taskhash, e.outhash, e.taskhash, method=e.method)["unihash"] == e.unihash
     site = service_factory("site", config={
         "upstream": {"mirrors": [public_mirror.url], "timeout_s": 5.0},
         "hashserv": {"upstream": f"ws://127.0.0.1:{public_hashserv.port}/ws"},
