@@ -21,14 +21,23 @@ from aiohttp.abc import AbstractAccessLogger
 from proxy.auth import Auth
 from proxy.config import Config
 from proxy.equiv_api import EquivalenceAPI
-from proxy.errors import error_middleware, new_request_id, on_response_prepare, response_for
+from proxy.errors import (
+    MalformedRequestFilter,
+    error_middleware,
+    new_request_id,
+    on_response_prepare,
+    response_for,
+)
 from proxy.hashserv.service import HashservService
 from proxy.http_auth import USER_KEY, require
+from proxy.limits import LIMITS, ConnectionLimits
 from proxy.metrics import Metrics
 from proxy.mirror import SENT_KEY, Mirror
 from proxy.reports import Reporter
 from proxy.resolver import Resolver
 from proxy.services import SERVICES, Services
+from proxy.stats import PATH as STATS_PATH
+from proxy.stats import StatsEndpoint
 from proxy.uploads import Uploads
 from proxy.upstream import KeyLocks, UpstreamMirrors, lock_dir_for
 from proxy.upstream_hashserv import UpstreamHashserv
@@ -195,8 +204,9 @@ async def _startup(app: web.Application) -> None:
             resolver.use_upstream_hashserv(reporter.get, cfg.upstream.negative_ttl_s)
     mirror = Mirror(store, resolver, auth, metrics, cfg.server.mirror_prefix, upstream=mirrors)
     uploads = Uploads(mirror, max_upload_bytes=cfg.limits.max_upload_bytes,
-                      read_only=cfg.hashserv.read_only)
-    equiv = EquivalenceAPI(reporter, auth, metrics, cfg.limits.max_request_body_bytes)
+                      read_only=cfg.hashserv.read_only, body_timeout_s=cfg.limits.body_timeout_s)
+    equiv = EquivalenceAPI(reporter, auth, metrics, cfg.limits.max_request_body_bytes,
+                           body_timeout_s=cfg.limits.body_timeout_s)
     app[SERVICES] = Services(store=store, db=db, auth=auth, resolver=resolver, reporter=reporter,
                              hashserv=hashserv, mirror=mirror, uploads=uploads, equiv=equiv,
                              metrics=metrics, upstream=mirrors)
@@ -223,11 +233,15 @@ def build_app(cfg: Config, *, skip_listeners: bool = False, hashserv_sock=None,
     ``hashserv_sock``: serve the raw hashserv protocol on this listening socket, bound by the
     supervisor before it forked (workers share it) instead of binding ``[hashserv] bind``;
     ``housekeeping``: this process does the store's once-per-deployment chores (one worker)."""
+    # The connection cap, the request-head deadline and the drain; proxy.cli serves the
+    # listening socket through its protocol_factory (without it the middleware does nothing).
+    limits = ConnectionLimits(cfg.limits.max_connections, cfg.limits.header_timeout_s)
     app = web.Application(
-        middlewares=[error_middleware],
+        middlewares=[limits.middleware, error_middleware],
         client_max_size=cfg.limits.max_request_body_bytes,
     )
     app[CONFIG] = cfg
+    app[LIMITS] = limits
     app[METRICS] = Metrics()
     app[STARTUP_OPTIONS] = {"skip_listeners": skip_listeners, "hashserv_sock": hashserv_sock,
                             "housekeeping": housekeeping}
@@ -330,6 +344,7 @@ def build_app(cfg: Config, *, skip_listeners: bool = False, hashserv_sock=None,
     r.add_get("/metrics", metrics)
     r.add_get("/v1/equivalent", equiv_get)
     r.add_post("/v1/equivalent", equiv_post)
+    r.add_get(STATS_PATH, StatsEndpoint().handle)
     r.add_get("/ws", websocket)
     r.add_route("*", cfg.server.mirror_prefix + "{tail:.*}", objects, expect_handler=expect_continue)
     return app
@@ -355,5 +370,6 @@ def setup_logging(cfg: Config) -> None:
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s"))
     logging.basicConfig(level=getattr(logging, cfg.server.log_level.upper()), handlers=[handler], force=True)
+    logging.getLogger("aiohttp.server").addFilter(MalformedRequestFilter())
     # The access log has its own switch: quiet logs (log_level WARNING) still log requests.
     access_log.setLevel(logging.INFO if cfg.server.access_log else logging.WARNING)

@@ -9,7 +9,11 @@ The rules are bitbake-hashserv's, so an existing bitbake-hashserv database keeps
   logged-in users also get everything anonymous users get (not the union of the two sets);
 * ``@none`` is accepted in permission lists and dropped.
 
-Our one addition is ``@upload`` (PUT of sstate objects), which ``@all`` implies.
+Our additions, both implied by ``@all``: ``@upload`` (PUT of sstate objects) and ``@task-data``
+(seeing who reported a row and what it built: ``TASK_DATA_COLUMNS``). Task data is shown to a
+logged-in user holding ``@task-data`` or ``@all``, and to the user a row names as its ``owner``
+(their own report); never to anonymous clients: ``@task-data`` is refused in the anonymous
+permissions. ``visible_row`` is the one filter every face applies to a row it answers with.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from storage.equivalence import EquivalenceDB, User
 
@@ -35,15 +39,19 @@ REPORT_PERM = "@report"
 DB_ADMIN_PERM = "@db-admin"
 USER_ADMIN_PERM = "@user-admin"
 UPLOAD_PERM = "@upload"
+TASK_DATA_PERM = "@task-data"
 ALL_PERM = "@all"
 
 #: every permission a user may hold (``@none`` is accepted on input and dropped)
-KNOWN_PERMISSIONS = frozenset({READ_PERM, REPORT_PERM, DB_ADMIN_PERM, USER_ADMIN_PERM, UPLOAD_PERM, ALL_PERM})
+KNOWN_PERMISSIONS = frozenset({READ_PERM, REPORT_PERM, DB_ADMIN_PERM, USER_ADMIN_PERM, UPLOAD_PERM,
+                               TASK_DATA_PERM, ALL_PERM})
 #: what a reply shows for a user holding ``@all``: exactly bitbake's list, so its clients and
-#: test-suite see what they expect (``@upload`` is implied by ``@all`` all the same)
+#: test-suite see what they expect (``@upload`` and ``@task-data`` are implied by ``@all`` all the same)
 BITBAKE_ALL_PERMISSIONS = ("@all", "@db-admin", "@read", "@report", "@user-admin")
-#: anonymous users may never hold these
-FORBIDDEN_ANON = frozenset({USER_ADMIN_PERM, ALL_PERM})
+#: anonymous users may never hold these (bitbake's two, and task data: it names people and builds)
+FORBIDDEN_ANON = frozenset({USER_ADMIN_PERM, ALL_PERM, TASK_DATA_PERM})
+#: the columns of a reported row that say who reported it and what it built
+TASK_DATA_COLUMNS = ("owner", "PN", "PV", "PR", "task", "outhash_siginfo")
 
 TOKEN_ALGORITHM = "sha256"
 TOKEN_SIZE = 48  # bytes -> 64 base64 characters, no padding
@@ -141,7 +149,8 @@ def display_permissions(perms: Iterable[str]) -> list[str]:
 
 
 def parse_anon_perms(perms: Iterable[str]) -> frozenset[str]:
-    """Anonymous permissions from config/CLI; refuses ``@all``/``@user-admin`` like bitbake."""
+    """Anonymous permissions from config/CLI; refuses ``@all``/``@user-admin`` like bitbake, and
+    ``@task-data`` (task data is never shown to anonymous clients)."""
     out = set()
     for p in perms:
         if p == NONE_PERM:
@@ -149,10 +158,39 @@ def parse_anon_perms(perms: Iterable[str]) -> frozenset[str]:
         if p not in KNOWN_PERMISSIONS:
             raise ValueError(f"unknown permission {p!r}")
         out.add(p)
+    if TASK_DATA_PERM in out:
+        raise ValueError(f"{TASK_DATA_PERM} is never granted to anonymous users (task data is shown only "
+                         f"to logged-in users holding it); grant it to users with `sstate-proxy user perms`")
     bad = out & FORBIDDEN_ANON
     if bad:
         raise ValueError(f"Permission(s) {' '.join(sorted(bad))} are not allowed for anonymous users")
     return frozenset(out)
+
+
+def sees_task_data(identity: Identity | None, owner: object = None) -> bool:
+    """True if ``identity`` may see the task data of a row whose owner is ``owner``: a logged-in
+    user holding ``@task-data`` or ``@all``, or the owner itself. Anonymous permissions never
+    count (``parse_anon_perms`` refuses ``@task-data``)."""
+    if identity is None or identity.username is None:
+        return False
+    perms = identity.permissions
+    return TASK_DATA_PERM in perms or ALL_PERM in perms or owner == identity.username
+
+
+def visible_row(identity: Identity | None, row: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``row`` as ``identity`` may see it: task-data columns present in it become None (the row
+    keeps bitbake's shape: a client reading ``row["PN"]`` gets null, not a KeyError). Every face
+    that answers with a reported row goes through this."""
+    # a mapping-only row (get without all: the hot path) has none of the columns: no copy
+    if row is None or row.keys().isdisjoint(TASK_DATA_COLUMNS) or sees_task_data(identity, row.get("owner")):
+        return row
+    return {k: (None if k in TASK_DATA_COLUMNS else v) for k, v in row.items()}
+
+
+def task_data_filter_keys(where: Iterable[str]) -> list[str]:
+    """The task-data columns a query filter (``remove``'s ``where``) names: filtering on them
+    tells a caller which rows hold that task data, so it needs the permission too."""
+    return [k for k in where if k in TASK_DATA_COLUMNS]
 
 
 # --- the service ----------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import signal
 import socket
@@ -69,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("stats", help="print equivalence-database and dedup statistics as JSON")
     _add_config_args(st)
+    st.add_argument("--url", metavar="URL", help="ask the running service at URL (GET /v1/stats) "
+                    "instead of opening the database; credentials as for push")
+
+    from proxy import push
+
+    push.add_parser(sub)
 
     from proxy import operations  # the import/gc commands live beside their code
 
@@ -172,34 +179,63 @@ def _reason(e: OSError) -> str:
     return text[:1].lower() + text[1:]
 
 
+def tls_context(cfg: Config):
+    """The server's SSL context from ``[server] tls_cert``/``tls_key``, or None for plain HTTP."""
+    if not cfg.server.tls_cert:
+        return None
+    import ssl
+
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cfg.server.tls_cert, cfg.server.tls_key)
+    return ctx
+
+
+LINGER_S = 10.0  # aiohttp's default lingering_time
+FINISH_WRITE_S = 1.0
+
+
 async def run_worker(cfg: Config, worker: int, sock: socket.socket,
                      hashserv_sock: socket.socket | None = None) -> None:
     from proxy.app import access_logger_class, build_app
+    from proxy.limits import LIMITS
+    from proxy.services import SERVICES
 
     app = build_app(cfg, hashserv_sock=hashserv_sock, housekeeping=worker == 0)
     runner = web.AppRunner(
         app, access_log_class=access_logger_class(cfg), handle_signals=False,
         access_log=logging.getLogger("sstate_proxy.access"),
-        shutdown_timeout=10.0,
+        keepalive_timeout=cfg.limits.idle_timeout_s,
+        # the rest of a body already answered (408, 413, ...) is read and dropped for at most
+        # this long before the connection closes; a stalled one need not be waited for longer
+        lingering_time=min(LINGER_S, cfg.limits.body_timeout_s),
+        # after our own drain (below): how long answers already given get to be written before
+        # what is still running is cancelled
+        shutdown_timeout=FINISH_WRITE_S,
     )
     await runner.setup()
-    ssl_ctx = None
-    if cfg.server.tls_cert:
-        import ssl
-
-        ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ssl_ctx.load_cert_chain(cfg.server.tls_cert, cfg.server.tls_key)
-    site = web.SockSite(runner, sock, ssl_context=ssl_ctx, backlog=BACKLOG)
-    await site.start()
-    log.info("worker %d serving %s (storage %s, database %s)", worker, site.name,
-             cfg.storage.backend, cfg.database.url.split("@")[-1])
-    stop = asyncio.Event()
+    ssl_ctx = tls_context(cfg)
     loop = asyncio.get_running_loop()
+    assert runner.server is not None
+    # Not web.SockSite: the connection limits stand between the socket and aiohttp's protocol
+    # (proxy/limits.py), which asyncio's create_server takes as a protocol factory.
+    server = await loop.create_server(
+        app[LIMITS].protocol_factory(runner.server), sock=sock, ssl=ssl_ctx, backlog=BACKLOG,
+        ssl_handshake_timeout=cfg.limits.header_timeout_s if ssl_ctx else None,
+    )
+    log.info("worker %d serving %s://%s (storage %s, database %s)", worker,
+             "https" if ssl_ctx else "http", cfg.server.bind, cfg.storage.backend,
+             cfg.database.url.split("@")[-1])
+    stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("worker %d stopping", worker)
-    await runner.cleanup()  # stops accepting, lets requests in flight finish (shutdown_timeout)
+    grace = cfg.server.shutdown_grace_s
+    log.info("worker %d stopping: requests in flight get %gs", worker, grace)
+    server.close()  # stop accepting (this process's copy of the listening socket is closed)
+    # OEHASHEQUIV connections (raw and websocket) never end by themselves: closed first
+    await app[SERVICES].hashserv.stop()
+    await app[LIMITS].drain(grace)  # requests in flight finish; new ones get 503
+    await runner.cleanup()  # closes every connection; cancels what still runs (FINISH_WRITE_S)
 
 
 def serve(cfg: Config) -> int:
@@ -236,9 +272,14 @@ def serve(cfg: Config) -> int:
                     os.unlink(unix_path)
 
 
+# A worker still running this long after its grace period is killed.
+KILL_AFTER_GRACE_S = 10
+
+
 def supervise(cfg: Config, sock: socket.socket, hashserv_sock: socket.socket | None) -> int:
     """Fork ``workers`` processes that serve the listening socket(s) bound before; restart one
-    that dies; on SIGTERM/SIGINT stop them all and wait for them."""
+    that dies; on SIGTERM/SIGINT stop them all (each drains its requests in flight within
+    ``[server] shutdown_grace_s``) and wait for them."""
     children: dict[int, int] = {}
     stopping = False
 
@@ -247,6 +288,7 @@ def supervise(cfg: Config, sock: socket.socket, hashserv_sock: socket.socket | N
         if pid == 0:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.signal(signal.SIGALRM, signal.SIG_DFL)
             code = 0
             try:
                 asyncio.run(run_worker(cfg, worker, sock, hashserv_sock))
@@ -258,17 +300,33 @@ def supervise(cfg: Config, sock: socket.socket, hashserv_sock: socket.socket | N
                 os._exit(code)
         children[pid] = worker
 
-    def on_stop(signum, frame) -> None:
-        nonlocal stopping
-        stopping = True
+    def signal_all(sig: int) -> None:
         for pid in list(children):
             try:
-                os.kill(pid, signal.SIGTERM)
+                os.kill(pid, sig)
             except ProcessLookupError:
                 pass
 
+    def on_stop(signum, frame) -> None:
+        nonlocal stopping
+        if stopping:
+            return
+        stopping = True
+        # The workers close their copies of the listening sockets; once this one is closed too
+        # the kernel refuses new connections instead of queueing them for nobody.
+        sock.close()
+        if hashserv_sock is not None:
+            hashserv_sock.close()
+        signal_all(signal.SIGTERM)
+        signal.alarm(math.ceil(cfg.server.shutdown_grace_s) + KILL_AFTER_GRACE_S)
+
+    def on_alarm(signum, frame) -> None:
+        log.error("workers still running after the grace period; killing them")
+        signal_all(signal.SIGKILL)
+
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGALRM, on_alarm)
     for w in range(cfg.server.workers):
         spawn(w)
     log.info("supervising %d workers", cfg.server.workers)
@@ -292,6 +350,7 @@ def supervise(cfg: Config, sock: socket.socket, hashserv_sock: socket.socket | N
             continue
         time.sleep(0.5)
         spawn(worker)
+    signal.alarm(0)
     return 0
 
 
@@ -339,22 +398,30 @@ async def user_command(cfg: Config, args: argparse.Namespace) -> int:
 
 
 async def stats_command(cfg: Config) -> int:
-    import json
-
+    from proxy import stats
     from storage.equivalence import open_equivalence_db
 
     db = open_equivalence_db(cfg.database.url, read_only=True)
     try:
-        out = {"database": await db.get_usage(), "dedup": await db.dedup_stats()}
+        out = await stats.collect(db)
     finally:
         await db.close()
-    print(json.dumps(out, indent=2, sort_keys=True))
+    print(stats.render(out))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # The HTTP clients of a running service need no configuration of their own.
+    if args.command == "push":
+        from proxy import push
+
+        return push.command(args)
+    if args.command == "stats" and args.url:
+        from proxy import stats
+
+        return stats.remote_command(args.url)
     try:
         cfg = load_config(args)
     except ConfigError as e:

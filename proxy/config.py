@@ -33,6 +33,8 @@ class ServerConfig:
     tls_key: str = ""
     # Peers (addresses or networks) whose X-Forwarded-For names the client in the access log.
     trusted_proxies: tuple[str, ...] = ()
+    # SIGTERM: seconds requests in flight get to finish before their connections are cut.
+    shutdown_grace_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,10 @@ class LimitsConfig:
     max_request_body_bytes: int = 1024 * 1024  # JSON bodies (/v1/equivalent)
     max_message_bytes: int = 1024 * 1024  # hashserv messages
     max_hashserv_connections: int = 4096  # per worker, raw tcp/unix hashserv clients
+    max_connections: int = 4096  # per worker, HTTP (websocket hashserv clients included)
+    header_timeout_s: float = 30.0  # a request head (or hashserv handshake) must arrive within
+    idle_timeout_s: float = 60.0  # an idle keep-alive HTTP connection is closed after
+    body_timeout_s: float = 60.0  # a request body that sends nothing for this long is cut (408)
 
 
 @dataclass(frozen=True)
@@ -203,9 +209,14 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("auth.admin_token: admin_user and admin_token must be given together")
     lim = cfg.limits
     for name in ("max_upload_bytes", "max_request_body_bytes", "max_message_bytes",
-                 "max_hashserv_connections"):
+                 "max_hashserv_connections", "max_connections"):
         if getattr(lim, name) < 1:
             raise ConfigError(f"limits.{name}: must be positive")
+    for name in ("header_timeout_s", "idle_timeout_s", "body_timeout_s"):
+        if not 0 < getattr(lim, name) <= 86400:
+            raise ConfigError(f"limits.{name}: must be more than 0 and at most 86400 seconds")
+    if not 0 <= s.shutdown_grace_s <= 3600:
+        raise ConfigError("server.shutdown_grace_s: must be between 0 and 3600 seconds")
     validate_upstream(cfg.upstream)
     return replace(cfg, hashserv=replace(h, anon_perms=anon))
 
@@ -233,7 +244,7 @@ def validate_upstream(up: UpstreamConfig) -> None:
 def split_bind(key: str, bind: str, any_host: str | None = "0.0.0.0") -> tuple[str | None, int]:
     """`host:port` or `[v6]:port` -> (host, port); an empty host is ``any_host``."""
     host, sep, port = bind.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:  # "²" isdigit()
         raise ConfigError(f"{key}: must be host:port, not {bind!r}")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
@@ -277,11 +288,16 @@ def load(path: str | None = None, overrides: dict[str, Any] | None = None,
             raise ConfigError(f"config: file {path!r} not found") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config: {path}: not valid TOML: {e}") from None
+        except UnicodeDecodeError as e:  # TOML is UTF-8
+            raise ConfigError(f"config: {path}: not valid TOML: not UTF-8 at byte {e.start}") from None
         except OSError as e:
             raise ConfigError(f"config: cannot read {path!r}: {e.strerror}") from None
     for env, (section, key) in ENV_KEYS.items():
         if environ.get(env):
-            data.setdefault(section, {})[key] = environ[env]
+            table = data.setdefault(section, {})
+            if not isinstance(table, dict):  # e.g. `auth = false`: say so, not a TypeError
+                raise ConfigError(f"{section}: must be a table")
+            table[key] = environ[env]
     for dotted, value in (overrides or {}).items():
         if value is None:
             continue

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from proxy.auth import Auth
 from proxy.http_auth import require
+from proxy.limits import BodyStalled, read_chunk, request_timeout
 from proxy.metrics import Metrics
 from proxy.reports import Reporter
 
@@ -50,8 +51,10 @@ def _text_field(data: dict, key: str, *, required: bool = True, max_len: int = 2
 
 
 class EquivalenceAPI:
-    def __init__(self, reporter: Reporter, auth: Auth, metrics: Metrics, max_body: int) -> None:
+    def __init__(self, reporter: Reporter, auth: Auth, metrics: Metrics, max_body: int,
+                 body_timeout_s: float = 60.0) -> None:
         self.reporter = reporter
+        self.body_timeout_s = body_timeout_s
         self.auth = auth
         self.metrics = metrics
         self.max_body = max_body
@@ -64,19 +67,33 @@ class EquivalenceAPI:
         taskhash = _text_field(q, "taskhash")
         return _answer(await self.reporter.get(method, taskhash))
 
+    async def _read_body(self, request: web.Request) -> bytes:
+        """The whole body, which may arrive in several pieces, bounded in size and in stalls."""
+        body = bytearray()
+        while True:
+            try:
+                chunk = await read_chunk(request.content, self.max_body + 1 - len(body), self.body_timeout_s)
+            except BodyStalled as e:
+                raise request_timeout(f"report body stalled ({e})") from None
+            if not chunk:
+                return bytes(body)
+            body += chunk
+            if len(body) > self.max_body:
+                raise web.HTTPRequestEntityTooLarge(self.max_body, len(body), text="report body too large\n")
+
     async def post(self, request: web.Request) -> web.Response:
         ident = await require(request, self.auth, "@read")
         self.metrics.equivalence("http", "report")
         if request.content_length is not None and request.content_length > self.max_body:
             raise web.HTTPRequestEntityTooLarge(self.max_body, request.content_length,
                                                 text="report body too large\n")
-        raw = await request.content.read(self.max_body + 1)
-        if len(raw) > self.max_body:
-            raise web.HTTPRequestEntityTooLarge(self.max_body, len(raw), text="report body too large\n")
+        raw = await self._read_body(request)
         try:
             data = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
             raise _bad("body is not valid JSON") from None
+        except RecursionError:  # nesting deeper than the parser's stack: a 400, not a 500
+            raise _bad("body is nested too deeply") from None
         if not isinstance(data, dict):
             raise _bad("body must be a JSON object")
         row = {

@@ -15,6 +15,7 @@ import re
 import time
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from proxy.reports import ReportError
 from storage import DigestMismatch, InvalidKey, StoreError, StoreUnavailable, TooLarge
@@ -36,6 +37,28 @@ MAPPING: tuple[tuple[type[Exception], int, str, bool], ...] = (
     (ReportError, 400, "bad report", False),
     (StoreError, 500, "storage error", False),
 )
+
+
+
+class MalformedRequestFilter(logging.Filter):
+    """For aiohttp's server logger: a request aiohttp cannot parse (bad request line or header,
+    line too long, ...) is logged there as an ERROR with a traceback, though aiohttp has already
+    answered 400 and nothing is wrong with the service. A hostile client could fill the log with
+    them; keep one INFO line (without the offending bytes) instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError):
+            return True
+        if not logging.getLogger(record.name).isEnabledFor(logging.INFO):
+            return False
+        peer = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        first_line = str(exc.message).split("\n", 1)[0][:120]
+        record.msg, record.args = "malformed request from %s: %s %s", (peer, exc.code, first_line)
+        record.exc_info, record.exc_text = None, None
+        return True
+
 
 _rid_prefix = ""
 _rid_counter = itertools.count(1)

@@ -3,9 +3,10 @@
 PUT (``@upload``): the body must carry ``Content-Length`` (411 without it; chunked bodies are
 refused the same way), at most ``[limits] max_upload_bytes`` (413 before reading a byte), and is
 verified against the optional ``Digest: sha-256=<b64>`` / ``md5=<b64>`` (RFC 3230) and
-``Content-MD5`` headers (400, nothing stored). The store writes atomically (temp file + link on
-disk, conditional write on S3), so a client that vanishes mid-body, a bad digest or a server
-killed mid-upload never leaves a partial object. ``201`` when the name is new, ``200`` when it
+``Content-MD5`` headers (400, nothing stored). A body that sends nothing for ``[limits]
+body_timeout_s`` is cut: 408, the connection closed, nothing stored. The store writes
+atomically (temp file + link on disk, conditional write on S3), so a client that vanishes
+mid-body, a bad digest or a server killed mid-upload never leaves a partial object. ``201`` when the name is new, ``200`` when it
 exists already (first write wins, as in hashserv: the new body is discarded and logged).
 
 DELETE (``@db-admin``): ``204``, or ``404`` when the name is not stored.
@@ -26,6 +27,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from proxy.http_auth import require
+from proxy.limits import BodyStalled, read_chunk, request_timeout
 from storage import DigestMismatch, InvalidKey, ObjectStore, StoreUnavailable, TooLarge
 
 log = logging.getLogger("sstate_proxy.uploads")
@@ -73,24 +75,28 @@ def parse_digests(headers) -> tuple[bytes | None, bytes | None]:
     return md5, sha
 
 
-async def _body(request: web.Request) -> AsyncIterator[bytes]:
-    try:
-        async for chunk in request.content.iter_chunked(READ_BLOCK):
-            yield chunk
-    except asyncio.CancelledError:
-        raise
-    except Exception as e:  # ClientPayloadError, connection reset, short body
-        raise ClientGone(f"upload body interrupted: {e}") from e
+async def _body(request: web.Request, stall_s: float) -> AsyncIterator[bytes]:
+    content = request.content
+    while True:
+        try:
+            chunk = await read_chunk(content, READ_BLOCK, stall_s)
+        except (asyncio.CancelledError, BodyStalled):
+            raise
+        except Exception as e:  # ClientPayloadError, connection reset, short body
+            raise ClientGone(f"upload body interrupted: {e}") from e
+        if not chunk:
+            return
+        yield chunk
 
 
-async def _discard(request: web.Request, resp: web.StreamResponse) -> None:
+async def _discard(request: web.Request, resp: web.StreamResponse, stall_s: float) -> None:
     """Read and drop what is left of the body (keeps the connection usable), or close it."""
     if request.content.at_eof():
         return
     n = 0
     try:
         while True:
-            chunk = await request.content.readany()
+            chunk = await read_chunk(request.content, READ_BLOCK, stall_s)
             if not chunk:
                 return
             n += len(chunk)
@@ -108,7 +114,8 @@ def _text(status: int, text: str, headers: dict | None = None) -> web.Response:
 class Uploads:
     """The PUT/DELETE handlers; one per Mirror."""
 
-    def __init__(self, mirror, *, max_upload_bytes: int, read_only: bool) -> None:
+    def __init__(self, mirror, *, max_upload_bytes: int, read_only: bool,
+                 body_timeout_s: float = 60.0) -> None:
         self.mirror = mirror
         self.store: ObjectStore = mirror.store
         self.resolver = mirror.resolver
@@ -116,6 +123,7 @@ class Uploads:
         self.auth = mirror.auth
         self.max_upload = max_upload_bytes
         self.read_only = read_only
+        self.body_timeout_s = body_timeout_s
 
     def _refuse_read_only(self) -> None:
         if self.read_only:
@@ -144,8 +152,8 @@ class Uploads:
         if await self.store.stat(key) is not None:
             return await self._exists(request, key, ident.username)
         try:
-            result = await self.store.put(key, _body(request), size=length, md5=md5, sha256=sha,
-                                          max_size=self.max_upload)
+            result = await self.store.put(key, _body(request, self.body_timeout_s), size=length,
+                                          md5=md5, sha256=sha, max_size=self.max_upload)
         except DigestMismatch as e:
             self.metrics.upload("mismatch")
             log.warning("upload of %s by %s refused: %s", key, ident.username, e)
@@ -160,6 +168,10 @@ class Uploads:
             self.metrics.upload("error")
             log.warning("store unavailable for upload of %s: %s", key, e)
             raise
+        except BodyStalled as e:
+            self.metrics.upload("aborted")
+            log.info("upload of %s cut: %s", key, e)
+            raise request_timeout(f"upload body stalled ({e}); nothing stored") from None
         except ClientGone as e:
             self.metrics.upload("aborted")
             log.info("upload of %s aborted: %s", key, e)
@@ -182,7 +194,7 @@ class Uploads:
         self.metrics.upload("exists")
         log.info("upload of %s by %s: name exists already, new body discarded", key, who)
         resp = _text(200, "exists already; first write wins, body discarded")
-        await _discard(request, resp)
+        await _discard(request, resp, self.body_timeout_s)
         return resp
 
     async def delete(self, request: web.Request) -> web.StreamResponse:

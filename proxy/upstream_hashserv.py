@@ -210,7 +210,7 @@ class UpstreamHashserv:
         reply = await self._call(_MODE_NORMAL, json.dumps(msg))
         try:
             result = json.loads(reply)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:  # RecursionError: nested too deeply
             raise UpstreamError(f"upstream {self.address}: bad reply") from e
         if isinstance(result, dict) and "invoke-error" in result:
             raise UpstreamError(f"upstream {self.address}: {result['invoke-error']}")

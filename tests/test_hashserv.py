@@ -133,8 +133,12 @@ async def test_report_get_and_streams(make_server, clients, transport):
     assert (await c.report_unihash(t1, M, h(3, "o"), h(3, "u")))["unihash"] == u1
     assert await c.get_taskhash(M, t1) == {"taskhash": t1, "method": M, "unihash": u1}
     full = await c.get_taskhash(M, t1, True)
-    assert full["outhash"] == o1 and full["unihash"] == u1 and full["PN"] == "zlib"
-    assert full["owner"] == "someone"  # anonymous reports keep the client's owner
+    assert full["outhash"] == o1 and full["unihash"] == u1
+    assert full["PN"] is None and full["owner"] is None  # task data: not for anonymous clients
+    admin = await clients(srv.addr[transport], ADMIN, ADMIN_TOKEN)
+    full_admin = await admin.get_taskhash(M, t1, True)
+    assert full_admin["PN"] == "zlib"
+    assert full_admin["owner"] == "someone"  # anonymous reports keep the client's owner
     # as bitbake-hashserv answers it for that database: UTC ISO text (sqlite), naive ISO (PostgreSQL)
     from storage.equivalence.postgres import PostgresEquivalenceDB
     naive = isinstance(srv.db, PostgresEquivalenceDB)
@@ -175,10 +179,14 @@ def spaced_siginfo(n: int = 80_000, prefix: int = len('{"report": {"outhash_sigi
     return "".join(s)
 
 
-async def raw_request(address: str, msg: dict) -> object:
-    """One request over a raw stream socket; the reply de-chunked stripping only the newline."""
+async def raw_request(address: str, msg: dict, login: tuple[str, str] | None = None) -> object:
+    """One request over a raw stream socket (after an ``auth`` as ``login``, if given); the reply
+    de-chunked stripping only the newline."""
     r, w = await raw_open(address)
     await handshake(w)
+    if login is not None:
+        w.write((json.dumps({"auth": {"username": login[0], "token": login[1]}}) + "\n").encode())
+        assert json.loads(await r.readline())["result"] is True
     w.write((json.dumps(msg) + "\n").encode())
     line = (await r.readline()).rstrip(b"\n")
     if line == b'{"chunk-stream": null}':
@@ -200,9 +208,11 @@ async def test_big_message_survives_chunking(make_server, clients, transport):
     # the request was reassembled intact (only the newline is stripped from chunk lines)
     assert (await srv.db.get_unihash_full(M, t))["outhash_siginfo"] == siginfo
     if transport == "ws":
-        assert (await c.get_taskhash(M, t, True))["outhash_siginfo"] == siginfo
+        a = await clients(srv.addr[transport], ADMIN, ADMIN_TOKEN)  # task data needs @task-data
+        assert (await a.get_taskhash(M, t, True))["outhash_siginfo"] == siginfo
     else:  # the chunked reply, read without bitbake's rstrip()
-        reply = await raw_request(srv.addr[transport], {"get": {"method": M, "taskhash": t, "all": True}})
+        reply = await raw_request(srv.addr[transport], {"get": {"method": M, "taskhash": t, "all": True}},
+                                  login=(ADMIN, ADMIN_TOKEN))
         assert reply["outhash_siginfo"] == siginfo
     siginfo2 = "a " * 40000
     t2, o2 = h("big2", "t"), h("big2", "o")
@@ -216,13 +226,13 @@ async def test_ws_reply_never_exceeds_1mib(make_server, clients):
     t, o, u = h("huge", "t"), h("huge", "o"), h("huge", "u")
     await srv.db.insert_outhash({"method": M, "taskhash": t, "outhash": o, "outhash_siginfo": "x" * 1_200_000})
     await srv.db.insert_unihash(M, t, u)
-    c = await clients(srv.addr["ws"])
+    c = await clients(srv.addr["ws"], ADMIN, ADMIN_TOKEN)  # task data needs @task-data
     row = await c.get_taskhash(M, t, True)
     assert row["unihash"] == u and 0 < len(row["outhash_siginfo"]) < 1_048_576
     assert len(json.dumps(row)) <= 1_048_576
     assert await c.ping() == {"alive": True}
     # over tcp the whole row comes back (chunked)
-    c2 = await clients(srv.addr["tcp"])
+    c2 = await clients(srv.addr["tcp"], ADMIN, ADMIN_TOKEN)
     assert len((await c2.get_taskhash(M, t, True))["outhash_siginfo"]) == 1_200_000
 
 
@@ -433,7 +443,8 @@ async def test_anonymous_read_only_permissions(make_server, clients, transport):
     # an admin's report is stored, with owner forced to the user name
     a = await clients(srv.addr[transport], ADMIN, ADMIN_TOKEN)
     assert (await a.report_unihash(t, M, o, u, {"owner": "spoofed"}))["unihash"] == u
-    assert (await c.get_taskhash(M, t, True))["owner"] == ADMIN
+    assert (await a.get_taskhash(M, t, True))["owner"] == ADMIN
+    assert (await c.get_taskhash(M, t, True))["owner"] is None  # task data: not for anonymous clients
     # now the anonymous (degraded) report finds it through the outhash
     assert (await c.report_unihash(h("p2"), M, o, h("p2u")))["unihash"] == u
 
@@ -591,7 +602,8 @@ async def test_upstream_fallback_and_backfill(make_server, clients, up_transport
     assert await c.unihash_exists(u2)  # exists-stream falls back to upstream
     # get all=True: fetched and stored with its outhash row
     assert (await c.get_taskhash(M, t2, True))["outhash"] == o2
-    assert (await down.db.get_unihash_full(M, t2))["PN"] == "p"
+    # the upstream is asked anonymously, so it keeps its task data to itself
+    assert (await down.db.get_unihash_full(M, t2))["PN"] is None
     # get (all=false) with an upstream miss: null, no crash
     assert await c.get_taskhash(M, h("nowhere")) is None
     # report whose outhash upstream knows: upstream's unihash wins

@@ -15,7 +15,17 @@ from proxy.hashserv.framing import CHUNK_HEADER, MAX_CHUNK
 from proxy.hashserv.listeners import bind_socket
 from storage.equivalence import open_equivalence_db
 from tests.hashserv_client import connect
-from tests.test_hashserv import M, assert_closed_without_reply, clients, h, handshake, make_server, raw_open
+from tests.test_hashserv import (
+    ADMIN,
+    ADMIN_TOKEN,
+    M,
+    assert_closed_without_reply,
+    clients,
+    h,
+    handshake,
+    make_server,
+    raw_open,
+)
 
 __all__ = ["clients", "make_server"]  # fixtures shared with test_hashserv
 
@@ -61,6 +71,9 @@ async def test_a_100_kib_message_is_chunked_both_ways(make_server, transport):
     siginfo = "".join(chr(ord("a") + i % 26) for i in range(100 * 1024))
     r, w = await raw_open(srv.addr[transport])
     await handshake(w)
+    # logged in: the get below answers the task data (outhash_siginfo), which needs @task-data
+    w.write((json.dumps({"auth": {"username": ADMIN, "token": ADMIN_TOKEN}}) + "\n").encode())
+    assert json.loads(await r.readline())["result"] is True
     report = json.dumps({"report": {"taskhash": t, "method": M, "outhash": o, "unihash": u,
                                     "outhash_siginfo": siginfo}})
     w.write(chunked(report))

@@ -188,7 +188,7 @@ class StreamIO(MessageIO):
         line = await self.recv()
         try:
             msg = loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested too deeply
             raise ProtocolError("bad JSON") from None
         if msg and type(msg) is dict and "chunk-stream" in msg:
             parts = []
@@ -200,7 +200,7 @@ class StreamIO(MessageIO):
                 parts.append(part)
             try:
                 msg = loads("".join(parts))
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise ProtocolError("bad JSON in chunked message") from None
         return msg
 
@@ -265,7 +265,7 @@ class WebSocketIO(MessageIO):
         text = await self.recv()
         try:
             return loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested too deeply
             raise ProtocolError("bad JSON") from None
 
     def write_line(self, text: str) -> None:

@@ -29,12 +29,16 @@ from proxy.auth import (
     DB_ADMIN_PERM,
     READ_PERM,
     REPORT_PERM,
+    TASK_DATA_PERM,
     USER_ADMIN_PERM,
     Auth,
     Identity,
     PermissionArgError,
     display_permissions,
     parse_permissions,
+    sees_task_data,
+    task_data_filter_keys,
+    visible_row,
 )
 from proxy.hashserv.framing import ConnectionClosed, MessageIO, ProtocolError, dumps, loads
 from proxy.reports import ReportError, is_valid_unihash
@@ -161,7 +165,13 @@ class Connection:
     async def run(self) -> None:
         io = self.io
         try:
-            await self._handshake()
+            # a client that never completes its handshake holds nothing for long; an idle one
+            # after it is never cut (bitbake keeps its connection for a whole build)
+            try:
+                async with asyncio.timeout(self.service.handshake_timeout_s):
+                    await self._handshake()
+            except TimeoutError:
+                raise ProtocolError(f"no handshake within {self.service.handshake_timeout_s:g}s") from None
             table = self.table
             while True:
                 msg = await io.recv_message()
@@ -283,14 +293,15 @@ class Connection:
     async def h_get(self, arg: Any) -> Any:
         method = _str(arg, "method")
         taskhash = _str(arg, "taskhash")
-        return await self.reporter.get(method, taskhash, bool(arg.get("all", False)))
+        return visible_row(self.identity, await self.reporter.get(method, taskhash, bool(arg.get("all", False))))
 
     @handler("get-outhash", READ_PERM)
     async def h_get_outhash(self, arg: Any) -> Any:
         method = _str(arg, "method")
         outhash = _str(arg, "outhash")
         taskhash = arg["taskhash"]
-        return await self.reporter.get_outhash(method, outhash, taskhash, bool(arg.get("with_unihash", True)))
+        return visible_row(self.identity, await self.reporter.get_outhash(
+            method, outhash, taskhash, bool(arg.get("with_unihash", True))))
 
     @handler("get-stream", READ_PERM, stream=True)
     async def h_get_stream(self, arg: Any) -> Any:
@@ -395,6 +406,10 @@ class Connection:
         where = arg["where"]
         if type(where) is not dict:
             raise ProtocolError("where must be an object")
+        hidden = task_data_filter_keys(where)
+        if hidden and not sees_task_data(self.identity):  # a count by owner/PN would reveal task data
+            raise InvokeError(f"{self.identity.username or 'Anonymous user'} needs {TASK_DATA_PERM} "
+                              f"to select rows by {', '.join(hidden)}")
         count = await self.db.remove(where)
         if count:
             self.reporter.changed()
@@ -415,7 +430,7 @@ class Connection:
         async def mark_line(line: str) -> str:
             try:
                 d = loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise InvokeError(f"Could not decode JSONL input '{line}'") from None
             if type(d) is not dict:
                 raise ProtocolError("gc-mark-stream line is not an object")

@@ -49,6 +49,7 @@ class HashservService:
         self.read_only = cfg.hashserv.read_only
         self.max_message = cfg.limits.max_message_bytes
         self.max_connections = cfg.limits.max_hashserv_connections
+        self.handshake_timeout_s = cfg.limits.header_timeout_s
         self.table = build_table(self.read_only)
         self.stats = Stats()
         self.listeners: list[Listener] = []

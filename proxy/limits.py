@@ -1,0 +1,207 @@
+"""Connection limits of the HTTP listener, its graceful drain, and the stall bound of bodies.
+
+aiohttp closes idle keep-alive connections itself (``keepalive_timeout``, set from
+``[limits] idle_timeout_s``), but it has no deadline for a request head and no cap on open
+connections: a client could hold any number of connections by sending half a head, or nothing.
+``ConnectionLimits`` adds both around aiohttp's own protocol, through public interfaces only:
+
+* its ``protocol_factory`` wraps the runner's protocol factory (``BaseRunner.server``) for
+  ``loop.create_server``: each connection gets a ``_Guard`` protocol that counts it, refuses it
+  when the worker holds ``max_connections`` already (closed at once, never read: the cap bounds
+  what a flood of connections can hold), and otherwise hands every event to aiohttp's protocol;
+* a request head must then arrive within ``header_timeout_s``: from the connection's start for
+  the first request (the TLS handshake is bounded separately, by ``ssl_handshake_timeout``), and
+  from the first byte of each later one. The deadline is a timer on the guard, cancelled by
+  ``middleware`` when aiohttp hands over a parsed request (the middleware finds the guard by
+  ``request.transport``). While a request is being handled (a body being uploaded, a websocket)
+  no deadline runs: bodies have their own bound (``read_chunk``), websockets none.
+* ``drain`` (SIGTERM, after the listener stopped accepting) waits until no request is in the
+  handlers, at most the grace period. Requests in flight go on receiving their bodies and
+  sending their answers; a request that starts during the drain is answered 503 with
+  ``Retry-After`` and ``Connection: close``. (Not aiohttp's own shutdown alone: it stops
+  reading every connection at once, so an upload in flight could never complete.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from aiohttp import web
+
+log = logging.getLogger("sstate_proxy.limits")
+
+REFUSAL_LOG_INTERVAL_S = 10.0  # one warning per interval while connections are being refused
+
+
+class _Guard(asyncio.Protocol):
+    """One connection: the limits' bookkeeping in front of aiohttp's protocol ``inner``."""
+
+    __slots__ = ("limits", "make", "inner", "transport", "timer", "busy")
+
+    def __init__(self, limits: ConnectionLimits, make: Callable[[], asyncio.BaseProtocol]) -> None:
+        self.limits = limits
+        self.make = make
+        self.inner: asyncio.Protocol | None = None  # None: refused (or not connected yet)
+        self.transport: asyncio.BaseTransport | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.busy = False  # a request is in the handlers (between head and response)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        limits = self.limits
+        if len(limits.open) >= limits.max_connections:
+            limits.refuse(transport)
+            return
+        self.transport = transport
+        limits.open[transport] = self
+        self.inner = self.make()  # type: ignore[assignment]
+        self._arm()
+        self.inner.connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.inner is None:
+            return
+        self._disarm()
+        self.limits.open.pop(self.transport, None)
+        self.inner.connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self.inner is None:
+            return
+        if self.timer is None and not self.busy:
+            self._arm()  # the first byte of a new request head: the deadline starts now
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received() if self.inner is not None else None
+
+    def pause_writing(self) -> None:
+        if self.inner is not None:
+            self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.inner is not None:
+            self.inner.resume_writing()
+
+    # --- the head deadline ---------------------------------------------------------------------
+    def _arm(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.timer = loop.call_later(self.limits.header_timeout_s, self._head_timed_out)
+
+    def _disarm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _head_timed_out(self) -> None:
+        self.timer = None
+        if self.busy or self.transport is None or self.transport.is_closing():
+            return
+        log.debug("closing %s: no complete request head within %gs",
+                  self.transport.get_extra_info("peername"), self.limits.header_timeout_s)
+        self.transport.close()
+
+    def request_started(self) -> None:
+        self._disarm()
+        self.busy = True
+        self.limits.busy += 1
+
+    def request_finished(self) -> None:
+        # The next head's deadline starts with its first byte (data_received); until then the
+        # connection is idle, which aiohttp's keepalive_timeout bounds.
+        self.busy = False
+        limits = self.limits
+        limits.busy -= 1
+        if limits.busy == 0 and limits.draining:
+            limits.idle.set()
+
+
+class ConnectionLimits:
+    """The connection cap, the request-head deadline and the drain of one worker's HTTP
+    listener."""
+
+    def __init__(self, max_connections: int, header_timeout_s: float) -> None:
+        self.max_connections = max_connections
+        self.header_timeout_s = header_timeout_s
+        self.open: dict[asyncio.BaseTransport, _Guard] = {}
+        self.busy = 0  # connections with a request in the handlers
+        self.draining = False
+        self.idle = asyncio.Event()  # set when draining and no request is in the handlers
+        self.refused = 0  # connections closed at once because of the cap
+        self._last_warning = 0.0
+
+    def protocol_factory(self, make: Callable[[], asyncio.BaseProtocol]) -> Callable[[], asyncio.Protocol]:
+        """A protocol factory for ``loop.create_server`` guarding the protocols ``make`` builds
+        (aiohttp's ``runner.server``)."""
+        return lambda: _Guard(self, make)
+
+    def refuse(self, transport: asyncio.BaseTransport) -> None:
+        self.refused += 1
+        now = time.monotonic()
+        if now - self._last_warning >= REFUSAL_LOG_INTERVAL_S:
+            self._last_warning = now
+            log.warning("%d connections open ([limits] max_connections): refusing new ones "
+                        "(%d refused so far)", len(self.open), self.refused)
+        transport.close()
+
+    async def drain(self, grace_s: float) -> bool:
+        """Wait (at most ``grace_s``) until no request is in the handlers; True if none is.
+        From now on new requests are refused (503). (The runner's cleanup then cancels what is
+        still running.)"""
+        self.draining = True
+        if self.busy == 0:
+            return True
+        try:
+            async with asyncio.timeout(grace_s):
+                await self.idle.wait()
+        except TimeoutError:
+            log.warning("%d requests still in flight after the %gs grace period", self.busy, grace_s)
+            return False
+        return True
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler) -> web.StreamResponse:
+        """A parsed request arrived: its head is in time; the connection is busy until the
+        handler returns."""
+        if self.draining:
+            exc = web.HTTPServiceUnavailable(text="shutting down, retry later\n",
+                                             headers={"Retry-After": "1"})
+            exc.force_close()
+            raise exc
+        guard = self.open.get(request.transport) if request.transport is not None else None
+        if guard is None:  # served by something else (a test server), or the client left
+            return await handler(request)
+        guard.request_started()
+        try:
+            response = await handler(request)
+        finally:
+            guard.request_finished()
+        if self.draining and not response.prepared:
+            response.force_close()  # its client learns at once that the connection ends here
+        return response
+
+
+LIMITS = web.AppKey("limits", ConnectionLimits)
+
+
+def request_timeout(text: str) -> web.HTTPRequestTimeout:
+    """408 for a stalled body; the connection is closed, since the rest of the body may yet come."""
+    exc = web.HTTPRequestTimeout(text=text + "\n")
+    exc.force_close()
+    return exc
+
+
+async def read_chunk(content, size: int, stall_s: float) -> bytes:
+    """Up to ``size`` bytes of a request body (b"" at its end); ``BodyStalled`` when no byte
+    comes for ``stall_s`` seconds."""
+    try:
+        async with asyncio.timeout(stall_s):
+            return await content.read(size)
+    except TimeoutError:
+        raise BodyStalled(f"no body byte for {stall_s:g}s") from None
+
+
+class BodyStalled(ConnectionError):
+    """The client stopped sending its request body: answered 408 (see ``request_timeout``)."""
