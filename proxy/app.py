@@ -42,8 +42,10 @@ from proxy.stats import PATH as STATS_PATH
 from proxy.stats import StatsEndpoint
 from proxy.traffic import TrafficRecorder
 from proxy.uploads import Uploads
+from proxy.upstream import KeyLocks, UpstreamMirrors, lock_dir_for
 from proxy.upstream_hashserv import UpstreamHashserv
 from storage import open_store
+from storage.cache import PulledCache
 from storage.equivalence import open_equivalence_db
 
 log = logging.getLogger("sstate_proxy")
@@ -196,7 +198,14 @@ async def _startup(app: web.Application) -> None:
     hashserv = HashservService(db, auth, cfg, reporter, metrics)
     if not options["skip_listeners"]:
         await hashserv.start(sock=options["hashserv_sock"])
-    mirror = Mirror(store, resolver, auth, metrics, cfg.server.mirror_prefix)
+    mirrors = None
+    if cfg.upstream.mirrors:
+        pulled = PulledCache(db, store, cfg.upstream.cache_max_bytes)
+        await pulled.start(housekeeping=options["housekeeping"])
+        mirrors = UpstreamMirrors(cfg.upstream, store, pulled, KeyLocks(lock_dir_for(cfg)), metrics)
+        if upstream is not None:
+            resolver.use_upstream_hashserv(reporter.get, cfg.upstream.negative_ttl_s)
+    mirror = Mirror(store, resolver, auth, metrics, cfg.server.mirror_prefix, upstream=mirrors)
     uploads = Uploads(mirror, max_upload_bytes=cfg.limits.max_upload_bytes,
                       read_only=cfg.hashserv.read_only, body_timeout_s=cfg.limits.body_timeout_s)
     equiv = EquivalenceAPI(reporter, auth, metrics, cfg.limits.max_request_body_bytes,
@@ -207,7 +216,7 @@ async def _startup(app: web.Application) -> None:
     dashboard = Dashboard(cfg, db, auth)
     app[SERVICES] = Services(store=store, db=db, auth=auth, resolver=resolver, reporter=reporter,
                              hashserv=hashserv, mirror=mirror, uploads=uploads, equiv=equiv,
-                             metrics=metrics, traffic=traffic, dashboard=dashboard)
+                             metrics=metrics, traffic=traffic, dashboard=dashboard, upstream=mirrors)
 
 
 async def _cleanup(app: web.Application) -> None:
@@ -215,9 +224,11 @@ async def _cleanup(app: web.Application) -> None:
     services = app.get(SERVICES)
     if services is None:
         return
-    for name, close in (("hashserv", services.hashserv.stop), ("reporter", services.reporter.close),
-                        ("traffic history", services.traffic.close),
-                        ("store", services.store.close), ("db", services.db.close)):
+    closing = [("hashserv", services.hashserv.stop), ("reporter", services.reporter.close),
+               ("traffic history", services.traffic.close)]
+    if services.upstream is not None:
+        closing += [("upstream", services.upstream.close), ("upstream cache", services.upstream.cache.close)]
+    for name, close in (*closing, ("store", services.store.close), ("db", services.db.close)):
         try:
             await close()
         except Exception:

@@ -76,8 +76,10 @@ class AuthConfig:
 
 @dataclass(frozen=True)
 class UpstreamConfig:
-    mirrors: tuple[str, ...] = ()
-    cache_max_bytes: int = 0
+    mirrors: tuple[str, ...] = ()  # http(s) base URLs, asked in order; the object path is appended
+    cache_max_bytes: int = 0  # bytes of pulled objects kept (least recently used evicted); 0 = no bound
+    timeout_s: float = 10.0  # connect, and between bytes, of every upstream call
+    negative_ttl_s: float = 10.0  # how long an upstream 404 is remembered
 
 
 @dataclass(frozen=True)
@@ -228,9 +230,28 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("dashboard.history_flush_s: must be between 0.1 and 3600 seconds")
     if cfg.dashboard.history_days < 1:
         raise ConfigError("dashboard.history_days: must be at least 1")
-    if cfg.upstream.mirrors:
-        raise ConfigError("upstream.mirrors: pull-through mirrors are not implemented yet; leave it empty")
+    validate_upstream(cfg.upstream)
     return replace(cfg, hashserv=replace(h, anon_perms=anon))
+
+
+def validate_upstream(up: UpstreamConfig) -> None:
+    from yarl import URL
+
+    for text in up.mirrors:
+        try:
+            url = URL(text)
+        except ValueError as e:
+            raise ConfigError(f"upstream.mirrors: not a URL: {text!r} ({e})") from None
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ConfigError(f"upstream.mirrors: must be an http:// or https:// URL with a host, not {text!r}")
+        if url.query_string or url.fragment:
+            raise ConfigError(f"upstream.mirrors: no query or fragment in a mirror's base URL: {text!r}")
+    if up.cache_max_bytes < 0:
+        raise ConfigError("upstream.cache_max_bytes: must be >= 0 (0: no bound)")
+    if not 0 < up.timeout_s <= 600:
+        raise ConfigError("upstream.timeout_s: must be more than 0 and at most 600 seconds")
+    if not 0 <= up.negative_ttl_s <= 3600:
+        raise ConfigError("upstream.negative_ttl_s: must be between 0 and 3600 seconds")
 
 
 def split_bind(key: str, bind: str, any_host: str | None = "0.0.0.0") -> tuple[str | None, int]:

@@ -18,7 +18,8 @@ from aiohttp import web
 from proxy import names
 from proxy.http_auth import require
 from proxy.metrics import Metrics
-from proxy.resolver import Resolution, Resolver
+from proxy.resolver import Candidate, Resolution, Resolver
+from proxy.upstream import Pulled, UpstreamMirrors
 from storage import Body, ByteStream, LocalFile, Meta, ObjectStore, RedirectURL
 
 log = logging.getLogger("sstate_proxy.mirror")
@@ -27,6 +28,10 @@ SOURCE_HEADER = "X-Sstate-Source"
 SERVED_HASH_HEADER = "X-Sstate-Served-Hash"
 SENT_KEY = "sent"  # request key: body bytes of an object written to the client (access log)
 NO_BODY = frozenset((304, 412, 416))  # finished answers of plan(): headers only
+# Request headers that need the stored object's validators or a range of it: with one of them, an
+# object pulled from upstream is stored first, then answered by plan() like any stored object.
+NOT_PLAIN = ("Range", "If-Match", "If-None-Match", "If-Modified-Since", "If-Unmodified-Since")
+_UPSTREAM_META = Meta(0, 0.0, "")  # of a pending GET: the size comes with the upstream's head
 
 
 class RangeNotSatisfiable(Exception):
@@ -155,13 +160,36 @@ def plan(h: Mapping[str, str], meta: Meta, headers: dict) -> tuple[int, int, int
     return 206, start, length
 
 
+class _ClientSink:
+    """A GET's response as the sink of an upstream pull: the head goes out with the upstream's
+    length when the upstream answered, then every chunk as it arrives."""
+
+    def __init__(self, request: web.Request, headers: dict) -> None:
+        self.request = request
+        self.headers = headers
+        self.resp: web.StreamResponse | None = None
+        self.sent = 0
+
+    async def start(self, size: int) -> None:
+        self.headers["Content-Length"] = str(size)
+        self.resp = web.StreamResponse(status=200, headers=self.headers)
+        await self.resp.prepare(self.request)
+
+    async def write(self, chunk: bytes) -> None:
+        assert self.resp is not None
+        await self.resp.write(chunk)
+        self.sent += len(chunk)
+
+
 class Mirror:
-    def __init__(self, store: ObjectStore, resolver: Resolver, auth, metrics: Metrics, prefix: str) -> None:
+    def __init__(self, store: ObjectStore, resolver: Resolver, auth, metrics: Metrics, prefix: str,
+                 upstream: UpstreamMirrors | None = None) -> None:
         self.store = store
         self.resolver = resolver
         self.auth = auth
         self.metrics = metrics
         self.prefix = prefix
+        self.upstream = upstream
 
     def key_of(self, request: web.Request) -> tuple[str, names.SstateName | None]:
         return self.key_of_raw(request.raw_path)
@@ -186,6 +214,8 @@ class Mirror:
             request["source"] = "miss"
             raise not_found()
         request["source"] = res.source
+        if res.pending and method == "GET":
+            return await self._pull_get(request, res, headers, name)
         if status in NO_BODY or method == "HEAD":
             # A Response goes out in one write; aiohttp keeps our Content-Length for HEAD.
             return web.Response(status=status, headers=headers)
@@ -198,16 +228,105 @@ class Mirror:
         case-insensitive ``get``): (resolution, response headers, status, start, length).
         Resolution None is a miss (404); a status in NO_BODY is a finished 304/412/416."""
         res = await self.resolver.resolve(key, name)
+        if res is None and self.upstream is not None:
+            res = await self._upstream_resolution(method, h, key, name)
         if res is None:
             return None, {}, 404, 0, 0
         headers = {SOURCE_HEADER: res.source}
-        if res.source == "equivalent":
+        if res.source == "equivalent" or (res.source == "upstream" and name is not None
+                                          and res.served_hash != name.hash):
             headers[SERVED_HASH_HEADER] = res.served_hash
+        if res.pending:
+            # The bytes are upstream: no validators yet (the stored copy will have its own), the
+            # whole object. A GET whose pulls all fail becomes a miss (_pull_get).
+            headers["Content-Type"] = "application/octet-stream"
+            headers["Accept-Ranges"] = "bytes"
+            if method != "GET":
+                headers["Content-Length"] = str(res.meta.size)
+            return res, headers, 200, 0, res.meta.size
         status, start, length = plan(h, res.meta, headers)
         if status not in NO_BODY:
             headers["Content-Type"] = "application/octet-stream"
             headers["Content-Length"] = str(length)
         return res, headers, status, start, length
+
+    # -- the upstream mirrors -----------------------------------------------------------------
+
+    async def _upstream_resolution(self, method: str, h: Mapping[str, str], key: str,
+                                   name: names.SstateName | None) -> Resolution | None:
+        """The upstream step, after the store and the local rewrite missed.
+
+        A plain GET gets a pending resolution at once: its pull (``_pull_get``) is the upstream
+        request, no HEAD before it. A HEAD is answered from an upstream HEAD (cached), without
+        fetching the body: bitbake HEAD-checks every object it might use and downloads far
+        fewer, so pulling on HEAD would fetch what is never asked for; the price is that a HEAD
+        200 can be followed by a failing GET when the upstream fails in between, the same as
+        with the upstream itself. A GET with a Range or a condition (and a HEAD the upstream
+        gave no length for) pulls the object into the store first and is answered from there.
+        """
+        assert self.upstream is not None
+        local, candidates = await self.resolver.upstream_candidates(key, name)
+        if local is not None:
+            return local
+        candidates = [c for c in candidates if not self.upstream.known_missing(c.key)]
+        for cand in candidates:  # pulled meanwhile (by another worker)?
+            meta = await self.store.stat(cand.key)
+            if meta is not None:
+                return Resolution(cand.key, meta, cand.hash, "upstream")
+        plain = not any(h.get(k) is not None for k in NOT_PLAIN)
+        if method == "GET" and plain and candidates:
+            return Resolution(candidates[0].key, _UPSTREAM_META, candidates[0].hash, "upstream",
+                              pending=tuple(candidates))
+        for cand in candidates:
+            found = await self.upstream.find(cand.key)
+            if found is None:
+                continue
+            if method == "HEAD" and plain and found.size is not None:
+                return Resolution(cand.key, Meta(found.size, 0.0, ""), cand.hash, "upstream", pending=(cand,))
+            stored = await self._pulled(cand, await self.upstream.pull(cand.key))
+            if stored is not None:
+                return stored
+        return None
+
+    async def _pulled(self, cand: Candidate, pulled: Pulled) -> Resolution | None:
+        """The stored object after a pull that says it is stored, else None."""
+        if pulled.status != "stored":
+            return None
+        self.resolver.forget_misses()  # this worker's cached misses may name it
+        meta = await self.store.stat(cand.key)
+        return None if meta is None else Resolution(cand.key, meta, cand.hash, "upstream")
+
+    async def _pull_get(self, request: web.Request, res: Resolution, headers: dict,
+                        name: names.SstateName | None) -> web.StreamResponse:
+        """A plain GET of an object the upstream mirrors may have: pull the candidates in order;
+        the first found is streamed to the client while it is stored (or, when another request
+        pulled it meanwhile, served from the store)."""
+        assert self.upstream is not None
+        for cand in res.pending:
+            if name is not None and cand.hash != name.hash:
+                headers[SERVED_HASH_HEADER] = cand.hash
+            else:
+                headers.pop(SERVED_HASH_HEADER, None)
+            sink = _ClientSink(request, headers)
+            try:
+                pulled = await self.upstream.pull(cand.key, sink)
+            finally:
+                if sink.resp is not None:
+                    self._count(request, sink.sent)
+            if pulled.streamed:
+                self.resolver.forget_misses()
+                assert sink.resp is not None
+                await sink.resp.write_eof()
+                return sink.resp
+            stored = await self._pulled(cand, pulled)
+            if stored is not None:
+                status, start, length = plan(request.headers, stored.meta, headers)
+                headers["Content-Length"] = str(length)
+                return await self._get(request, stored, web.StreamResponse(status=status, headers=headers),
+                                       start, length)
+        headers.pop(SERVED_HASH_HEADER, None)
+        request["source"] = "miss"
+        raise not_found()
 
     # -- a GET's body ------------------------------------------------------------------------
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from proxy.config import EquivalenceConfig
 from proxy.names import SstateName
@@ -20,6 +22,16 @@ from storage import Meta, ObjectStore
 from storage.equivalence import EquivalenceDB
 
 GENERATION_POLL_S = 0.2
+# The method asked of an upstream hashserv when [equivalence] methods is empty (bitbake's default).
+DEFAULT_METHOD = "oe.sstatesig.OEOuthashBasic"
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A name to ask the upstream mirrors for."""
+
+    key: str
+    hash: str  # "" for a name without one
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,7 +39,9 @@ class Resolution:
     key: str  # the key actually served
     meta: Meta
     served_hash: str
-    source: str  # "hit" | "equivalent"
+    source: str  # "hit" | "equivalent" | "upstream"
+    # Not in the store (yet): the bytes are upstream, under the first of these that has them.
+    pending: tuple[Candidate, ...] = ()
 
 
 class Resolver:
@@ -44,12 +58,31 @@ class Resolver:
         self._negative: OrderedDict[str, float] = OrderedDict()
         self._generation: int | None = None
         self._next_poll = 0.0
+        # The upstream hashserv (Reporter.get, which stores what it learns), when the upstream
+        # mirrors and [hashserv] upstream are both configured; see use_upstream_hashserv.
+        self._ask_upstream: Callable[[str, str], Awaitable[Any]] | None = None
+        self._upstream_methods = self.methods or (DEFAULT_METHOD,)
+        self._upstream_ttl = 0.0
+        # hash -> monotonic expiry: the upstream hashserv knew no other unihash for it
+        self._upstream_unknown: OrderedDict[str, float] = OrderedDict()
+
+    def use_upstream_hashserv(self, ask: Callable[[str, str], Awaitable[Any]], negative_ttl_s: float) -> None:
+        """Ask ``ask(method, taskhash)`` (a mapping row or None) for the unihash of a hash that
+        nothing local answers, before the upstream mirrors are asked; "none" is remembered for
+        ``negative_ttl_s``."""
+        self._ask_upstream = ask
+        self._upstream_ttl = negative_ttl_s
 
     def invalidate(self) -> None:
         """Forget every cached answer (called after a write in this process)."""
         self._positive.clear()
         self._negative.clear()
         self._next_poll = 0.0
+
+    def forget_misses(self) -> None:
+        """Forget the cached misses only (an object was pulled into the store: the positive
+        answers stay valid)."""
+        self._negative.clear()
 
     async def _check_generation(self) -> None:
         now = time.monotonic()
@@ -117,6 +150,53 @@ class Resolver:
             if meta is not None:
                 return Resolution(cand_key, meta, cand, "equivalent")
         return None
+
+    # --- the upstream step ------------------------------------------------------------------
+    async def upstream_candidates(self, key: str, name: SstateName | None
+                                  ) -> tuple[Resolution | None, list[Candidate]]:
+        """After ``resolve`` missed: what to ask the upstream mirrors for, in order: the
+        asked-for name, then its equivalent names (at most ``class_limit``).
+
+        With an upstream hashserv, the unihash it knows for the hash is learnt first (and stored
+        in the database); when that object is in the store it answers (the Resolution, source
+        "equivalent", and no candidates)."""
+        if name is None:
+            return None, [Candidate(key, "")]
+        if (self._ask_upstream is not None and self.limit > 0 and name.hash != "INVALID"
+                and await self._learn_upstream(name.hash)):
+            found = await self._search(name)
+            if found is not None:
+                self._negative.pop(key, None)
+                self._remember(self._positive, key, (found.key, found.served_hash, found.source))
+                return found, []
+        hashes = [name.hash]
+        if self.limit > 0:
+            for cand in await self.db.class_of(name.hash, self.methods, self.limit):
+                if cand not in hashes:
+                    hashes.append(cand)
+            hashes = hashes[:1 + self.limit]
+        if name.companion and len(hashes) > 1:
+            # a companion follows its object: its hash first if the object is stored (pulled)
+            for cand in hashes:
+                if await self.store.stat(name.with_hash(cand).object_key) is not None:
+                    hashes = [cand] + [c for c in hashes if c != cand]
+                    break
+        return None, [Candidate(name.with_hash(h).key, h) for h in hashes]
+
+    async def _learn_upstream(self, taskhash: str) -> bool:
+        """True if the upstream hashserv maps ``taskhash`` to another unihash (now stored)."""
+        assert self._ask_upstream is not None
+        expiry = self._upstream_unknown.get(taskhash)
+        if expiry is not None:
+            if expiry > time.monotonic():
+                return False
+            del self._upstream_unknown[taskhash]
+        for method in self._upstream_methods:
+            row = await self._ask_upstream(method, taskhash)
+            if isinstance(row, dict) and row.get("unihash") not in (None, taskhash):
+                return True
+        self._remember(self._upstream_unknown, taskhash, time.monotonic() + self._upstream_ttl)
+        return False
 
     def _remember(self, cache: OrderedDict, key: str, value) -> None:
         cache[key] = value

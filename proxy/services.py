@@ -16,6 +16,7 @@ from proxy.reports import Reporter
 from proxy.resolver import Resolver
 from proxy.traffic import TrafficRecorder
 from proxy.uploads import Uploads
+from proxy.upstream import UpstreamMirrors
 from storage import ObjectStore
 from storage.equivalence import EquivalenceDB
 
@@ -34,6 +35,7 @@ class Services:
     metrics: Metrics
     traffic: TrafficRecorder
     dashboard: Dashboard
+    upstream: UpstreamMirrors | None = None  # [upstream] mirrors
 
 
 SERVICES = web.AppKey("services", Services)
