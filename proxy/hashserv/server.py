@@ -38,6 +38,7 @@ from proxy.auth import (
 )
 from proxy.hashserv.framing import ConnectionClosed, MessageIO, ProtocolError, dumps, loads
 from proxy.reports import ReportError, is_valid_unihash
+from storage.equivalence import DatabaseUnavailable
 
 if TYPE_CHECKING:
     from proxy.hashserv import HashservService
@@ -188,7 +189,8 @@ class Connection:
                             response = await h.fn(self, arg)
                         finally:
                             self.stats.add(time.perf_counter() - t0)
-                except (InvokeError, ReportError) as e:
+                except (InvokeError, ReportError, DatabaseUnavailable) as e:
+                    # a locked or full database is said as such (not an internal error)
                     io.write_message({"invoke-error": {"message": str(e)}})
                     break
                 if response is not NO_RESPONSE:

@@ -63,6 +63,7 @@ from storage.equivalence import (
     OUTHASH_COLUMNS,
     OUTHASH_TEXT_COLUMNS,
     UNIHASH_COLUMNS,
+    DatabaseFull,
     DatabaseUnavailable,
     ReadOnlyError,
     Row,
@@ -154,6 +155,17 @@ def _is_busy(exc: BaseException) -> bool:
 
 def _unavailable(exc: BaseException) -> DatabaseUnavailable:
     return DatabaseUnavailable(f"the equivalence database is locked by another writer: {exc}")
+
+
+def _write_failure(exc: BaseException) -> BaseException:
+    """What a write's caller gets for ``exc``: lock waits past the bound and a full disk are
+    faults of their own (503, 507), anything else is passed on as it is."""
+    if _is_busy(exc):
+        return _unavailable(exc)
+    if isinstance(exc, sqlite3.OperationalError) and \
+            (getattr(exc, "sqlite_errorcode", 0) & 0xFF) == sqlite3.SQLITE_FULL:
+        return DatabaseFull(f"the equivalence database's disk is full: {exc}")
+    return exc
 
 
 def _outhash_params(row: Row) -> dict[str, Any]:
@@ -300,7 +312,7 @@ class _Writer:
                     self.conn.execute("ROLLBACK")
                 except sqlite3.Error as rb:
                     log.error("rollback of a failed write transaction failed: %s", rb)
-            err = _unavailable(exc) if _is_busy(exc) else exc
+            err = _write_failure(exc)
             for _, fut in batch:
                 if not fut.done():
                     fut.set_exception(err)
@@ -317,7 +329,7 @@ class _Writer:
             except BaseException as exc:  # this job's statements only; the group goes on
                 conn.execute("ROLLBACK TO job")
                 conn.execute("RELEASE job")
-                outcomes.append((False, _unavailable(exc) if _is_busy(exc) else exc))
+                outcomes.append((False, _write_failure(exc)))
             else:
                 conn.execute("RELEASE job")
                 outcomes.append((True, result))
