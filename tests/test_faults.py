@@ -1,0 +1,45 @@
+"""The fault runs of bench/faults/, smaller: SIGKILL during upload and report storms, S3
+unreachable, a locked database, a full disk. Each run starts the real service (and moto, a
+sqlite3 holder process, tmpfs mounts) and returns a Verdict; the test fails with its problems."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from bench.faults import db_locked, disk_full, s3_down, sigkill_storm
+
+
+def passed(verdict) -> None:
+    print(verdict.text())
+    assert verdict.passed, verdict.text()
+
+
+def test_sigkill_during_upload_and_report_storms(tmp_path):
+    args = sigkill_storm.parser().parse_args([
+        "--uploaders", "8", "--reporters", "12", "--workers", "2", "--kill-after-uploads", "15",
+        "--kill-after-reports", "120", "--max-size", "200000", "--sample", "60", "--timeout", "40"])
+    passed(sigkill_storm.run(tmp_path, args))
+
+
+def test_s3_unreachable_gives_503_at_once_and_recovers(tmp_path):
+    passed(s3_down.run(tmp_path, s3_down.parser().parse_args(["--timeout-s", "1.0"])))
+
+
+def test_locked_database_bounded_wait_then_503(tmp_path):
+    passed(db_locked.run(tmp_path, db_locked.parser().parse_args(["--slow-s", "1.0"])))
+
+
+def test_full_disk_gives_507_and_recovers(tmp_path):
+    """Needs a tmpfs mount (root with CAP_SYS_ADMIN). Outside CI a refused mount skips; in CI
+    (CI=true) it fails: .ci/run runs as root (it installs Debian packages), so a refused mount
+    means the container lacks CAP_SYS_ADMIN, which must be said, not skipped."""
+    args = disk_full.parser().parse_args(["--store-mib", "6", "--db-mib", "3", "--object-kib", "192"])
+    try:
+        verdict = disk_full.run(tmp_path, args)
+    except disk_full.MountRefused as e:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{e}: the full-disk test needs tmpfs mounts (root with CAP_SYS_ADMIN)")
+        pytest.skip(f"{e}: needs root with CAP_SYS_ADMIN to mount a tmpfs")
+    passed(verdict)
