@@ -18,7 +18,7 @@ def passed(verdict) -> None:
 
 def test_sigkill_during_upload_and_report_storms(tmp_path):
     args = sigkill_storm.parser().parse_args([
-        "--uploaders", "8", "--reporters", "12", "--workers", "2", "--kill-after-uploads", "15",
+        "--uploaders", "8", "--reporters", "12", "--workers", "2", "--rounds", "2", "--kill-after-uploads", "15",
         "--kill-after-reports", "120", "--max-size", "200000", "--sample", "60", "--timeout", "40"])
     passed(sigkill_storm.run(tmp_path, args))
 
@@ -43,3 +43,36 @@ def test_full_disk_gives_507_and_recovers(tmp_path):
             pytest.fail(f"{e}: the full-disk test needs tmpfs mounts (root with CAP_SYS_ADMIN)")
         pytest.skip(f"{e}: needs root with CAP_SYS_ADMIN to mount a tmpfs")
     passed(verdict)
+
+
+async def test_a_write_queued_behind_a_lock_wait_waits_the_bound_in_all(tmp_path):
+    """Found by the locked-database run: a write queued while the writer's group waited for
+    another process's lock used to start a full wait of its own afterwards (twice the bound)."""
+    import asyncio
+    import sqlite3
+    import time
+
+    from storage.equivalence import DatabaseUnavailable
+    from storage.equivalence.sqlite import SqliteEquivalenceDB
+
+    path = str(tmp_path / "db")
+    db = SqliteEquivalenceDB(path, busy_timeout_s=1.0)
+    holder = sqlite3.connect(path, isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")  # another connection holds the write lock throughout
+
+        async def timed(n: int) -> float:
+            t0 = time.monotonic()
+            with pytest.raises(DatabaseUnavailable):
+                await db.insert_unihash("m", f"{n:064x}", f"{n:064x}")
+            return time.monotonic() - t0
+
+        first = asyncio.create_task(timed(1))
+        await asyncio.sleep(0.5)  # the first group is waiting for the lock now
+        second = await timed(2)
+        assert 0.9 <= await first < 1.4
+        assert second < 1.3, f"the queued write waited {second:.2f}s, bound 1.0s"
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+        await db.close()

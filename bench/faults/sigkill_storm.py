@@ -3,7 +3,8 @@
 Uploaders PUT objects (bodies sent slowly, so some are in flight at the kill) and reporters
 send OEHASHEQUIV reports over tcp and WebSocket, each remembering what the service
 acknowledged (201/200, a report's reply). Once enough is acknowledged the service is
-SIGKILLed mid-storm, then started again on the same directory and database. Verdict:
+SIGKILLed mid-storm, then started again on the same directory and database; ``--rounds``
+times. Verdict, after every restart:
 
 * the database is consistent (``PRAGMA integrity_check``), before and after the restart;
 * every acknowledged report is stored with the unihash its reply gave, and answered by a get;
@@ -11,8 +12,8 @@ SIGKILLed mid-storm, then started again on the same directory and database. Verd
 * no partial object: every stored object's bytes are the bytes sent for its name, and the
   killed writer's temp files are gone after the restart.
 
-    python -m bench.faults.sigkill_storm [--uploaders 16] [--reporters 32] [--workers 2]
-                                         [--kill-after-uploads 40] [--kill-after-reports 400]
+    python -m bench.faults.sigkill_storm [--uploaders 16] [--reporters 32] [--workers 2] [--rounds 3]
+                                         [--kill-after-uploads 60] [--kill-after-reports 600]
 """
 
 from __future__ import annotations
@@ -106,8 +107,11 @@ async def _reporter(address: str, storm: Storm, rng: random.Random, stop: asynci
             pass
 
 
-async def _storm(svc: Service, tcp: str, args: argparse.Namespace, storm: Storm, v: Verdict) -> None:
-    rng = random.Random(args.seed)
+async def _storm(svc: Service, tcp: str, args: argparse.Namespace, storm: Storm, v: Verdict,
+                 round_no: int) -> None:
+    rng = random.Random(args.seed * 1000 + round_no)
+    want_uploads = len(storm.acked_objects) + args.kill_after_uploads
+    want_reports = len(storm.acked_reports) + args.kill_after_reports
     stop = asyncio.Event()
     outhashes = [rng.getrandbits(256).to_bytes(32, "big").hex() for _ in range(max(4, args.reporters * 4))]
     addresses = [tcp if i % 2 == 0 else f"ws://127.0.0.1:{svc.port}/ws" for i in range(args.reporters)]
@@ -117,8 +121,7 @@ async def _storm(svc: Service, tcp: str, args: argparse.Namespace, storm: Storm,
     tasks += [asyncio.create_task(_reporter(a, storm, random.Random(rng.random()), stop, outhashes))
               for a in addresses]
     t0 = time.monotonic()
-    while (len(storm.acked_objects) < args.kill_after_uploads
-           or len(storm.acked_reports) < args.kill_after_reports):
+    while len(storm.acked_objects) < want_uploads or len(storm.acked_reports) < want_reports:
         if time.monotonic() - t0 > args.timeout:
             v.check(False, f"the storm did not reach its kill point in {args.timeout:g}s "
                            f"({len(storm.acked_objects)} uploads, {len(storm.acked_reports)} reports)")
@@ -127,8 +130,8 @@ async def _storm(svc: Service, tcp: str, args: argparse.Namespace, storm: Storm,
     assert svc.proc is not None
     svc.proc.send_signal(signal.SIGKILL)  # mid-storm: uploads and reports in flight
     stop.set()
-    v.note(f"killed after {time.monotonic() - t0:.1f}s of storm: {len(storm.acked_objects)} uploads "
-           f"and {len(storm.acked_reports)} reports acknowledged")
+    v.note(f"round {round_no + 1}: killed after {time.monotonic() - t0:.1f}s of storm; acknowledged so far: "
+           f"{len(storm.acked_objects)} uploads, {len(storm.acked_reports)} reports")
     await asyncio.to_thread(svc.proc.wait)
     # The workers must go with their supervisor: an orphan serving on would hold the port.
     v.check(await asyncio.to_thread(wait_for, lambda: not _listening(svc.port), 10),
@@ -195,30 +198,32 @@ def run(workdir: Path, args: argparse.Namespace) -> Verdict:
     logging.getLogger("tests.hashserv_client").setLevel(logging.CRITICAL)
     svc.start()
     try:
-        asyncio.run(_storm(svc, tcp, args, storm, v))
-        svc.stop()
-        litter = temp_litter(svc.storage)
-        v.note(f"temp files left by the kill: {len(litter)}; failed uploads {storm.upload_errors}, "
-               f"reporters cut {storm.report_errors}")
-        v.check(integrity(svc.database) == "ok", f"integrity_check after the kill: {integrity(svc.database)}")
-        _check_reports(svc.database, storm, v)
-        svc.start()
-        exited = wait_for(lambda: svc.proc is None or svc.proc.poll() is not None, 1)
-        v.check(not exited, f"the restarted service exited:\n{svc.read_log()[-2000:]}")
-        # worker 0 removes the dead writer's temp files, in the background:
-        v.check(wait_for(lambda: not temp_litter(svc.storage), timeout=15),
-                f"temp files still there after the restart: {temp_litter(svc.storage)[:3]}")
-        for key, body in storm.acked_objects.items():
-            p = svc.storage / key
-            v.check(p.is_file() and p.read_bytes() == body, f"acknowledged object {key} lost or changed")
-        stored = stored_objects(svc.storage)
-        partial = [p for p in stored
-                   if p.read_bytes() != storm.bodies.get(p.relative_to(svc.storage).as_posix())]
-        v.check(not partial, f"partial or foreign object(s) stored: {[str(p) for p in partial[:3]]}")
-        v.note(f"objects stored after the restart: {len(stored)}, acknowledged {len(storm.acked_objects)} "
-               "(a stored one not acknowledged was complete when the kill came, not yet answered)")
-        asyncio.run(_check_faces(svc, tcp, storm, v, args.sample))
-        v.check(integrity(svc.database) == "ok", "integrity_check after the restart is not ok")
+        for round_no in range(args.rounds):
+            asyncio.run(_storm(svc, tcp, args, storm, v, round_no))
+            svc.stop()
+            v.note(f"round {round_no + 1}: temp files left by the kill: {len(temp_litter(svc.storage))}; "
+                   f"uploads cut so far {storm.upload_errors}, reporters cut {storm.report_errors}")
+            v.check(integrity(svc.database) == "ok",
+                    f"round {round_no + 1}: integrity_check after the kill: {integrity(svc.database)}")
+            _check_reports(svc.database, storm, v)
+            svc.start()
+            exited = wait_for(lambda: svc.proc is None or svc.proc.poll() is not None, 1)
+            v.check(not exited, f"the restarted service exited:\n{svc.read_log()[-2000:]}")
+            # worker 0 removes the dead writers' temp files, in the background:
+            v.check(wait_for(lambda: not temp_litter(svc.storage), timeout=15),
+                    f"temp files still there after the restart: {temp_litter(svc.storage)[:3]}")
+            for key, body in storm.acked_objects.items():
+                p = svc.storage / key
+                v.check(p.is_file() and p.read_bytes() == body, f"acknowledged object {key} lost or changed")
+            stored = stored_objects(svc.storage)
+            partial = [p for p in stored
+                       if p.read_bytes() != storm.bodies.get(p.relative_to(svc.storage).as_posix())]
+            v.check(not partial, f"partial or foreign object(s) stored: {[str(p) for p in partial[:3]]}")
+            asyncio.run(_check_faces(svc, tcp, storm, v, args.sample))
+            v.check(integrity(svc.database) == "ok", "integrity_check after the restart is not ok")
+        v.note(f"after {args.rounds} kill(s): {len(stored)} objects stored, {len(storm.acked_objects)} "
+               f"acknowledged (a stored one not acknowledged was complete at a kill, not yet answered); "
+               f"{len(storm.acked_reports)} reports acknowledged, all stored")
     finally:
         svc.stop()
     return v
@@ -229,8 +234,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--uploaders", type=int, default=16)
     p.add_argument("--reporters", type=int, default=32, help="half over tcp, half over ws")
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--kill-after-uploads", type=int, default=40)
-    p.add_argument("--kill-after-reports", type=int, default=400)
+    p.add_argument("--rounds", type=int, default=3, help="storm, kill, restart and check; this many times")
+    p.add_argument("--kill-after-uploads", type=int, default=60, help="per round")
+    p.add_argument("--kill-after-reports", type=int, default=600, help="per round")
     p.add_argument("--min-size", type=int, default=20_000)
     p.add_argument("--max-size", type=int, default=300_000)
     p.add_argument("--sample", type=int, default=200, help="acknowledged items re-read through the faces")
