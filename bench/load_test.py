@@ -93,33 +93,35 @@ async def _builder(port: int, probes: list[Probe], n_conn: int, rate: float, t_s
     order = probes[:]
     rng.shuffle(order)
     it = itertools.cycle(order)
-    connector = aiohttp.TCPConnector(limit=n_conn, force_close=False, keepalive_timeout=300)
-    async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
-        base = f"http://127.0.0.1:{port}"
-        per_conn = rate / n_conn
+    base = f"http://127.0.0.1:{port}"
+    per_conn = rate / n_conn
 
-        async def head(probe: Probe, record: bool = True) -> int:
-            t0 = time.monotonic()
-            try:
-                async with session.head(base + probe.path, allow_redirects=False) as r:
-                    status = r.status
-                    source = r.headers.get("X-Sstate-Source", "")
-            except (aiohttp.ClientError, OSError, TimeoutError) as e:
-                out.errors[f"{probe.kind}: {type(e).__name__}"] += 1
-                return -1
-            if record:
-                out.latencies.setdefault(probe.kind, []).append(time.monotonic() - t0)
-            out.statuses[status] += 1
-            want = 404 if probe.kind == "miss" else 200
-            if status != want or (probe.kind == "equivalent" and source != "equivalent"):
-                out.errors[f"{probe.kind}: {status} {source}"] += 1
-            return status
+    async def head(session: aiohttp.ClientSession, probe: Probe, record: bool = True) -> int:
+        t0 = time.monotonic()
+        try:
+            async with session.head(base + probe.path, allow_redirects=False) as r:
+                status = r.status
+                source = r.headers.get("X-Sstate-Source", "")
+        except (aiohttp.ClientError, OSError, TimeoutError) as e:
+            out.errors[f"{probe.kind}: {type(e).__name__}"] += 1
+            return -1
+        if record:
+            out.latencies.setdefault(probe.kind, []).append(time.monotonic() - t0)
+        out.statuses[status] += 1
+        want = 404 if probe.kind == "miss" else 200
+        if status != want or (probe.kind == "equivalent" and source != "equivalent"):
+            out.errors[f"{probe.kind}: {status} {source}"] += 1
+        return status
 
-        async def thread(k: int) -> None:
-            # Open this thread's connection first (its first HEAD, not measured), the fleet's
-            # 1,000 spread over the ramp before t_start rather than all in one instant.
+    async def thread(k: int) -> None:
+        # A fetcher thread: one cached keep-alive connection of its own (a session with a
+        # one-connection pool), its checks one after another.
+        connector = aiohttp.TCPConnector(limit=1, keepalive_timeout=300)
+        async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
+            # Open the connection first (its first HEAD, not measured), the fleet's 1,000
+            # spread over the ramp before t_start rather than all in one instant.
             await asyncio.sleep(rng.uniform(0, max(0.0, t_start - time.monotonic() - 1.0)))
-            await head(next(it), record=False)
+            await head(session, next(it), record=False)
             await asyncio.sleep(max(0.0, t_start - time.monotonic()))
             due = t_start + random.Random(seed * 1000 + k).expovariate(per_conn)
             while due < t_end:
@@ -130,11 +132,11 @@ async def _builder(port: int, probes: list[Probe], n_conn: int, rate: float, t_s
                 else:  # still busy with the previous check when this one was due: the service's
                     out.behind += 1
                 probe = next(it)
-                if await head(probe) == 404:
-                    await head(probe)  # bitbake retries a miss once
+                if await head(session, probe) == 404:
+                    await head(session, probe)  # bitbake retries a miss once
                 due += rng.expovariate(per_conn)
 
-        await asyncio.gather(*(thread(k) for k in range(n_conn)))
+    await asyncio.gather(*(thread(k) for k in range(n_conn)))
 
 
 def count_connections(port: int) -> int:
