@@ -34,6 +34,7 @@ import json
 import os
 import platform
 import random
+import re
 import subprocess
 import sys
 import tempfile
@@ -269,6 +270,31 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / tick
 
 
+def cpu_pressure() -> str:
+    """The kernel's CPU pressure (PSI): the share of time runnable tasks waited for a CPU."""
+    try:
+        with open("/proc/pressure/cpu") as f:
+            some = f.readline().split()
+        return " ".join(some[1:3])  # avg10=.. avg60=..
+    except OSError:
+        return "n/a"
+
+
+ACCESS_MS = re.compile(rb" HEAD \S+ (\d{3}) .* (\d+(?:\.\d+)?)ms ")
+
+
+def service_head_times(log: Path) -> list[float]:
+    """Seconds each HEAD took inside the service, from its access log (handler start to
+    response written): what the service itself adds, without the client's or the kernel's."""
+    out = []
+    with open(log, "rb") as f:
+        for line in f:
+            m = ACCESS_MS.search(line)
+            if m:
+                out.append(float(m.group(2)) / 1000)
+    return out
+
+
 def machine() -> str:
     cpu = "?"
     try:
@@ -344,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
             groups = [list(range(args.builders))[i::args.procs] for i in range(args.procs)]
             t_start = time.monotonic() + 3.0 + args.builders * args.connections / 2000  # connections open first
             t_end = t_start + args.duration
+            pressure_before = cpu_pressure()
             cpu_svc0 = cpu_seconds(pids)
             cpu_main0 = time.process_time()
             with concurrent.futures.ProcessPoolExecutor(args.procs) as pool:
@@ -371,13 +398,15 @@ def main(argv: list[str] | None = None) -> int:
             cpu_svc = cpu_seconds(pids) - cpu_svc0
             cpu_main = time.process_time() - cpu_main0
             alive = svc.proc.poll() is None
+            pressure_after = cpu_pressure()
+        inside = service_head_times(svc.log_path)
         return summarize(args, results, uploads, reports, wall, cpu_svc, cpu_main, alive, load_before,
-                         conns[0])
+                         conns[0], inside, (pressure_before, pressure_after))
 
 
 def summarize(args, results: list[BuilderResult], uploads: SideResult, reports: SideResult, wall: float,
               cpu_svc: float, cpu_main: float, alive: bool, load_before: tuple[float, float, float],
-              conns: int) -> int:
+              conns: int, inside: list[float], pressure: tuple[str, str]) -> int:
     lat: dict[str, list[float]] = {}
     errors: Counter = Counter()
     statuses: Counter = Counter()
@@ -424,6 +453,10 @@ def summarize(args, results: list[BuilderResult], uploads: SideResult, reports: 
         f"CPU over {wall:.1f} s: service {cpu_svc:.1f} s ({cpu_svc / wall:.0%} of one core), load generator "
         f"{cpu_gen:.1f} s ({cpu_gen / wall:.0%}); generator wake-up lag p99 {ms(percentile(lag, 99))} ms, "
         f"max {ms(max(lag, default=0.0))} ms; checks due while the previous one was unanswered: {behind}",
+        f"inside the service (access log, every HEAD incl. the connections' first): p50 "
+        f"{ms(percentile(inside, 50))} ms, p99 {ms(percentile(inside, 99))} ms, max {ms(max(inside, default=0.0))} ms",
+        f"machine CPU pressure (PSI 'some', share of time runnable tasks waited for a CPU): before the run "
+        f"{pressure[0]}, at its end {pressure[1]}",
         f"verdict: {'PASS' if ok else 'FAIL'} (target: HEAD p99 < {args.target_p99_ms:g} ms, zero errors)",
     ]
     text = "\n".join(lines)
