@@ -3,12 +3,13 @@ made after a fault (database integrity, temp litter, stored bytes) and the verdi
 
 from __future__ import annotations
 
+import argparse
 import base64
 import http.client
-import os
 import random
 import sqlite3
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ METHOD = "oe.sstatesig.OEOuthashBasic"
 TEMP_PREFIX = ".tmp-"  # storage/local.py's temp files
 
 __all__ = ["ADMIN", "ADMIN_ENV", "METHOD", "Service", "Verdict", "basic", "call", "free_port",
-           "integrity", "obj_key", "path_of", "stored_objects", "temp_litter", "wait_for"]
+           "integrity", "obj_key", "path_of", "script", "stored_objects", "temp_litter", "wait_for"]
 
 
 def obj_key(rng: random.Random, ext: str = ".tar.zst") -> str:
@@ -127,5 +128,15 @@ class Verdict:
         return 0 if self.passed else 1
 
 
-def env_root_ok() -> bool:
-    return os.geteuid() == 0
+def script(run: Callable[[Path, argparse.Namespace], Verdict], parser: argparse.ArgumentParser,
+           prefix: str, argv: list[str] | None = None,
+           cannot: tuple[type[Exception], ...] = ()) -> int:
+    """A fault script's main: parse, run in a temp dir, print the verdict; the exit status is
+    0 (PASS), 1 (FAIL) or 2 (this machine cannot inject the fault: one of ``cannot``)."""
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix=prefix) as d:
+        try:
+            return run(Path(d), args).exit()
+        except cannot as e:
+            print(f"SKIP {e}", flush=True)
+            return 2

@@ -24,7 +24,6 @@ import json
 import random
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -44,6 +43,7 @@ from bench.faults.common import (
     integrity,
     obj_key,
     path_of,
+    script,
 )
 from storage.equivalence.sqlite import BUSY_TIMEOUT_S
 from tests.hashserv_client import connect
@@ -148,9 +148,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="fault-db-") as d:
-        return run(Path(d), args).exit()
+    return script(run, parser(), "fault-db-", argv)
 
 
 if __name__ == "__main__":

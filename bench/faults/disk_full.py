@@ -23,7 +23,6 @@ import os
 import random
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlencode
@@ -41,6 +40,7 @@ from bench.faults.common import (
     integrity,
     obj_key,
     path_of,
+    script,
     stored_objects,
     temp_litter,
 )
@@ -60,7 +60,8 @@ def tmpfs(path: Path, size_mib: int) -> Iterator[Path]:
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mib}m", "tmpfs", str(path)],
                        capture_output=True, text=True)
     if r.returncode != 0:
-        raise MountRefused(f"mount -t tmpfs {path}: {r.stderr.strip() or r.returncode}")
+        raise MountRefused(f"full disk: mount -t tmpfs {path}: {r.stderr.strip() or r.returncode} "
+                           "(needs root with CAP_SYS_ADMIN)")
     try:
         yield path
     finally:
@@ -146,8 +147,8 @@ def database_full(svc: Service, db: Path, fs: Path, tcp: str, rng: random.Random
             continue
         full = a
         break
-    v.note(f"database full: {len(acked)} reports acknowledged, then "
-           f"{full.status if full else 'nothing'} {full.body.strip()[:80].decode(errors='replace') if full else ''}")
+    said = full.body.split(b" (request")[0].decode(errors="replace") if full else "nothing"
+    v.note(f"database full: {len(acked)} reports acknowledged, then {full.status if full else ''} {said}")
     if not v.check(full is not None and full.status == 507 and INSUFFICIENT in full.body,
                    f"a report on a full database answered {full.status if full else None}, not 507"):
         return
@@ -200,13 +201,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="fault-disk-") as d:
-        try:
-            return run(Path(d), args).exit()
-        except MountRefused as e:
-            print(f"SKIP full disk: {e} (run as root, or in a container with CAP_SYS_ADMIN)")
-            return 2
+    return script(run, parser(), "fault-disk-", argv, cannot=(MountRefused,))
 
 
 if __name__ == "__main__":

@@ -14,11 +14,10 @@ from __future__ import annotations
 import argparse
 import random
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from bench.faults.common import ADMIN_ENV, Service, Verdict, call, obj_key, path_of, wait_for
+from bench.faults.common import ADMIN_ENV, Service, Verdict, call, obj_key, path_of, script, wait_for
 from tests.s3server import TEST_ENV, MotoServer
 
 BUCKET, PREFIX = "sstate", "fleet"
@@ -109,9 +108,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="fault-s3-") as d:
-        return run(Path(d), args).exit()
+    return script(run, parser(), "fault-s3-", argv)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ import signal
 import socket
 import sqlite3
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +44,7 @@ from bench.faults.common import (
     integrity,
     obj_key,
     path_of,
+    script,
     stored_objects,
     temp_litter,
     wait_for,
@@ -246,9 +246,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="fault-sigkill-") as d:
-        return run(Path(d), args).exit()
+    return script(run, parser(), "fault-sigkill-", argv)
 
 
 if __name__ == "__main__":
