@@ -21,7 +21,11 @@ equivalent``, miss 404), no upload or report failed, HEAD p99 < ``--target-p99-m
 
     python bench/load_test.py [--builders 20] [--connections 50] [--builder-rate 70]
                               [--duration 30] [--workers 2] [--procs 2] [--objects 3000]
-                              [--markdown FILE]
+                              [--nginx] [--markdown FILE]
+
+``--nginx`` first runs the same HEAD storm against Debian's nginx on the same directory with the
+same worker count (no uploads, reports or rewrites; equivalents are misses there): the floor
+this machine and this generator set, measured in the same run.
 """
 
 from __future__ import annotations
@@ -30,7 +34,6 @@ import argparse
 import asyncio
 import concurrent.futures
 import itertools
-import json
 import os
 import platform
 import random
@@ -89,7 +92,8 @@ def ms(x: float) -> str:
 
 
 async def _builder(port: int, probes: list[Probe], n_conn: int, rate: float, t_start: float,
-                   t_end: float, seed: int, out: BuilderResult) -> None:
+                   t_end: float, seed: int, out: BuilderResult, rewrites: bool) -> None:
+    """One builder's checks; ``rewrites``: the server answers equivalents (nginx cannot: 404)."""
     rng = random.Random(seed)
     order = probes[:]
     rng.shuffle(order)
@@ -109,8 +113,8 @@ async def _builder(port: int, probes: list[Probe], n_conn: int, rate: float, t_s
         if record:
             out.latencies.setdefault(probe.kind, []).append(time.monotonic() - t0)
         out.statuses[status] += 1
-        want = 404 if probe.kind == "miss" else 200
-        if status != want or (probe.kind == "equivalent" and source != "equivalent"):
+        want = 404 if probe.kind == "miss" or (probe.kind == "equivalent" and not rewrites) else 200
+        if status != want or (probe.kind == "equivalent" and rewrites and source != "equivalent"):
             out.errors[f"{probe.kind}: {status} {source}"] += 1
         return status
 
@@ -148,13 +152,13 @@ def count_connections(port: int) -> int:
 
 
 def run_builders(port: int, probes: list[Probe], builders: list[int], n_conn: int, rate: float,
-                 t_start: float, t_end: float) -> BuilderResult:
+                 t_start: float, t_end: float, rewrites: bool = True) -> BuilderResult:
     """One generator process: ``builders`` (their seeds) sharing one event loop."""
     out = BuilderResult()
     cpu0 = time.process_time()
 
     async def main() -> None:
-        await asyncio.gather(*(_builder(port, probes, n_conn, rate, t_start, t_end, b, out)
+        await asyncio.gather(*(_builder(port, probes, n_conn, rate, t_start, t_end, b, out, rewrites)
                                for b in builders))
 
     asyncio.run(main())
@@ -334,6 +338,99 @@ async def report_equivalences(address: str, corpus) -> None:
         await client.close()
 
 
+@dataclass
+class Storm:
+    """One storm's measurements, against one server."""
+
+    server: str
+    builders: list[BuilderResult]
+    uploads: SideResult
+    reports: SideResult
+    wall: float
+    cpu_server: float
+    cpu_generator: float
+    connections: int
+    pressure: tuple[str, str]
+    alive: bool = True
+
+    def heads(self) -> dict[str, list[float]]:
+        lat: dict[str, list[float]] = {}
+        for r in self.builders:
+            for k, v in r.latencies.items():
+                lat.setdefault(k, []).extend(v)
+        return lat
+
+    def errors(self) -> Counter:
+        errors: Counter = Counter()
+        for r in self.builders:
+            errors.update(r.errors)
+        errors.update(self.uploads.errors)
+        errors.update(self.reports.errors)
+        return errors
+
+
+def storm(args: argparse.Namespace, server: str, port: int, pids: list[int], probes: list[Probe],
+          rewrites: bool, side_load: tuple[str, str] | None) -> Storm:
+    """The fleet's HEAD storm against ``port`` for ``--duration`` seconds; with ``side_load``
+    (hashserv tcp address, ws URL) the uploads and reports run meanwhile."""
+    groups = [g for g in (list(range(args.builders))[i::args.procs] for i in range(args.procs)) if g]
+    t_start = time.monotonic() + 3.0 + args.builders * args.connections / 2000  # connections open first
+    t_end = t_start + args.duration
+    pressure_before = cpu_pressure()
+    cpu_server0 = cpu_seconds(pids)
+    cpu_main0 = time.process_time()
+    uploads, reports = SideResult(), SideResult()
+    conns = [0]
+    with concurrent.futures.ProcessPoolExecutor(len(groups)) as pool:
+        futs = [pool.submit(run_builders, port, probes, g, args.connections, args.builder_rate,
+                            t_start, t_end, rewrites) for g in groups]
+
+        async def count_mid_run() -> None:
+            await asyncio.sleep(max(0.0, (t_start + t_end) / 2 - time.monotonic()))
+            conns[0] = await asyncio.to_thread(count_connections, port)
+
+        async def side() -> None:
+            jobs = [count_mid_run()]
+            if side_load is not None:
+                tcp, ws = side_load
+                jobs.append(_uploads(port, args.upload_rate, t_start, t_end, uploads))
+                jobs += [_reports(tcp if i % 2 == 0 else ws, args.report_rate / args.reporters,
+                                  t_start, t_end, 100 + i, reports) for i in range(args.reporters)]
+            await asyncio.gather(*jobs)
+
+        asyncio.run(side())
+        results = [f.result() for f in futs]
+    wall = time.monotonic() - t_start
+    return Storm(server, results, uploads, reports, wall, cpu_seconds(pids) - cpu_server0,
+                 sum(r.cpu_s for r in results) + time.process_time() - cpu_main0, conns[0],
+                 (pressure_before, cpu_pressure()))
+
+
+def start_nginx(d: Path, root: Path, workers: int) -> tuple[subprocess.Popen, int]:
+    """Debian's nginx on the same directory, as bench/serve_bench.py runs it (enough
+    worker_connections for the fleet)."""
+    from bench.serve_bench import NGINX_CONF
+
+    port = free_port()
+    (d / "nginx-tmp").mkdir(exist_ok=True)
+    conf = d / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(workers=workers, d=d, port=port, root=root)
+                    .replace("worker_connections 1024", "worker_connections 4096"))
+    proc = subprocess.Popen(["nginx", "-p", str(d), "-c", str(conf)], stdout=subprocess.DEVNULL,
+                            stderr=open(d / "nginx-stderr.log", "ab"), start_new_session=True)
+    deadline = time.monotonic() + 10
+    while count_listening(port) == 0:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"nginx did not start: {(d / 'nginx-stderr.log').read_text()}")
+        time.sleep(0.05)
+    return proc, port
+
+
+def count_listening(port: int) -> int:
+    r = subprocess.run(["ss", "-Htln", f"( sport = :{port} )"], capture_output=True, text=True)
+    return len(r.stdout.splitlines())
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--builders", type=int, default=20)
@@ -349,123 +446,104 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=30.0)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--procs", type=int, default=2, help="load generator processes for the builders")
+    ap.add_argument("--nginx", action="store_true",
+                    help="first the same HEAD storm against nginx on the same directory and worker "
+                         "count (no uploads, reports or rewrites): the machine's and generator's floor")
     ap.add_argument("--target-p99-ms", type=float, default=50.0)
-    ap.add_argument("--markdown", type=Path, help="append the result table to this file")
+    ap.add_argument("--markdown", type=Path, help="append the result to this file")
     args = ap.parse_args(argv)
 
     rng = random.Random(16)
+    load_before = os.getloadavg()
+    storms: list[Storm] = []
     with tempfile.TemporaryDirectory(prefix="load-test-") as d:
         work = Path(d)
+        work.chmod(0o755)  # nginx's workers (another user) read the corpus below it
         svc = Service(work / "svc", env={"SSTATE_PROXY_ADMIN_USER": ADMIN[0], "SSTATE_PROXY_ADMIN_TOKEN": ADMIN[1]},
                       args=["--workers", str(args.workers), "--hashserv-bind", f"127.0.0.1:{free_port()}"],
                       config={"server": {"log_level": "INFO", "access_log": True}})
         tcp = svc.args[-1]
         corpus = make_corpus(svc.storage, n=args.objects, seed=16, equiv_fraction=0.3)
-        load_before = os.getloadavg()
+        probes = make_probes(corpus, rng, args.names, args.hit, args.equivalent)
+        if args.nginx:
+            nginx, nport = start_nginx(work, svc.storage, args.workers)
+            try:
+                storms.append(storm(args, "nginx", nport, service_pids(nginx.pid),
+                                    probes, rewrites=False, side_load=None))
+            finally:
+                nginx.terminate()
+                nginx.wait(10)
         with svc:
             asyncio.run(report_equivalences(tcp, corpus))
-            probes = make_probes(corpus, rng, args.names, args.hit, args.equivalent)
             assert svc.proc is not None
-            pids = service_pids(svc.proc.pid)
-            groups = [list(range(args.builders))[i::args.procs] for i in range(args.procs)]
-            t_start = time.monotonic() + 3.0 + args.builders * args.connections / 2000  # connections open first
-            t_end = t_start + args.duration
-            pressure_before = cpu_pressure()
-            cpu_svc0 = cpu_seconds(pids)
-            cpu_main0 = time.process_time()
-            with concurrent.futures.ProcessPoolExecutor(args.procs) as pool:
-                futs = [pool.submit(run_builders, svc.port, probes, g, args.connections, args.builder_rate,
-                                    t_start, t_end) for g in groups if g]
-                uploads, reports = SideResult(), SideResult()
-                conns = [0]
-
-                async def count_mid_run() -> None:
-                    await asyncio.sleep(max(0.0, (t_start + t_end) / 2 - time.monotonic()))
-                    conns[0] = await asyncio.to_thread(count_connections, svc.port)
-
-                async def side() -> None:
-                    addresses = [tcp if i % 2 == 0 else f"ws://127.0.0.1:{svc.port}/ws"
-                                 for i in range(args.reporters)]
-                    await asyncio.gather(
-                        count_mid_run(),
-                        _uploads(svc.port, args.upload_rate, t_start, t_end, uploads),
-                        *(_reports(a, args.report_rate / args.reporters, t_start, t_end, 100 + i, reports)
-                          for i, a in enumerate(addresses)))
-
-                asyncio.run(side())
-                results = [f.result() for f in futs]
-            wall = time.monotonic() - t_start
-            cpu_svc = cpu_seconds(pids) - cpu_svc0
-            cpu_main = time.process_time() - cpu_main0
-            alive = svc.proc.poll() is None
-            pressure_after = cpu_pressure()
+            run = storm(args, "sstate-proxy", svc.port, service_pids(svc.proc.pid), probes, rewrites=True,
+                        side_load=(tcp, f"ws://127.0.0.1:{svc.port}/ws"))
+            run.alive = svc.proc.poll() is None
+            storms.append(run)
         inside = service_head_times(svc.log_path)
-        return summarize(args, results, uploads, reports, wall, cpu_svc, cpu_main, alive, load_before,
-                         conns[0], inside, (pressure_before, pressure_after))
+    return summarize(args, storms, inside, load_before)
 
 
-def summarize(args, results: list[BuilderResult], uploads: SideResult, reports: SideResult, wall: float,
-              cpu_svc: float, cpu_main: float, alive: bool, load_before: tuple[float, float, float],
-              conns: int, inside: list[float], pressure: tuple[str, str]) -> int:
-    lat: dict[str, list[float]] = {}
-    errors: Counter = Counter()
-    statuses: Counter = Counter()
-    lag: list[float] = []
-    behind = 0
-    for r in results:
-        behind += r.behind
-        for k, v in r.latencies.items():
-            lat.setdefault(k, []).extend(v)
-        errors.update(r.errors)
-        statuses.update(r.statuses)
-        lag.extend(r.lag)
-    every = [x for v in lat.values() for x in v]
-    p50, p99, mx = percentile(every, 50), percentile(every, 99), max(every, default=float("nan"))
-    cpu_gen = sum(r.cpu_s for r in results) + cpu_main
-    errors.update(uploads.errors)
-    errors.update(reports.errors)
-    ok = not errors and p99 * 1000 < args.target_p99_ms and alive
+def row(name: str, v: list[float], wall: float) -> str:
+    return (f"| {name} | {len(v)} | {len(v) / wall:.0f} | {ms(percentile(v, 50))} | {ms(percentile(v, 99))} | "
+            f"{ms(max(v, default=float('nan')))} |")
+
+
+def summarize(args: argparse.Namespace, storms: list[Storm], inside: list[float],
+              load_before: tuple[float, float, float]) -> int:
+    proxy = storms[-1]
     lines = [
         f"command: python bench/load_test.py {' '.join(sys.argv[1:])}".rstrip(),
         f"machine: {machine()} (1/5/15-min load before: {' '.join(f'{x:.2f}' for x in load_before)})",
-        f"service: sstate-proxy serve --workers {args.workers}, SQLite, local store, access log on; "
-        f"generator: {args.procs} process(es) for the builders + 1 for uploads/reports",
-        f"fleet: {args.builders} builders x {args.connections} keep-alive connections "
-        f"({conns} connections to the HTTP port established mid-run, uploads' and ws reporters' included), {args.builder_rate:g} HEAD/s per builder (Poisson), "
-        f"{args.names} distinct names ({args.hit:.0%} hits, {args.equivalent:.0%} equivalents, rest misses, "
-        f"each miss asked twice); {args.duration:g} s",
+        f"servers: sstate-proxy serve --workers {args.workers} (SQLite, local store, access log on)"
+        + (f", nginx worker_processes {args.workers} on the same directory (first)" if len(storms) > 1 else "")
+        + f"; generator: {args.procs} process(es) for the builders + 1 for uploads/reports",
+        f"fleet: {args.builders} builders x {args.connections} keep-alive connections, {args.builder_rate:g} HEAD "
+        f"checks/s per builder (Poisson), {args.names} distinct names ({args.hit:.0%} hits, "
+        f"{args.equivalent:.0%} equivalents, rest misses, each miss asked twice); {args.duration:g} s each; "
+        f"sstate-proxy also takes {args.upload_rate:g} PUT/s and {args.report_rate:g} OEHASHEQUIV reports/s "
+        f"({args.reporters} connections, half tcp, half ws)",
         "",
-        "| | count | rate /s | p50 ms | p99 ms | max ms |",
+        "| server, request | count | rate /s | p50 ms | p99 ms | max ms |",
         "|---|---:|---:|---:|---:|---:|",
-        f"| HEAD, all | {len(every)} | {len(every) / wall:.0f} | {ms(p50)} | {ms(p99)} | {ms(mx)} |",
     ]
-    for k in ("hit", "equivalent", "miss"):
-        v = lat.get(k, [])
-        lines.append(f"| HEAD, {k} | {len(v)} | {len(v) / wall:.0f} | {ms(percentile(v, 50))} | "
-                     f"{ms(percentile(v, 99))} | {ms(max(v, default=float('nan')))} |")
-    for name, side in (("PUT (20-400 KB)", uploads), ("OEHASHEQUIV report", reports)):
-        v = side.latencies
-        lines.append(f"| {name} | {len(v)} | {len(v) / wall:.0f} | {ms(percentile(v, 50))} | "
-                     f"{ms(percentile(v, 99))} | {ms(max(v, default=float('nan')))} |")
-    lines += [
-        "",
-        f"HEAD statuses: {dict(sorted(statuses.items()))}; errors: {dict(errors) or 'none'}",
-        f"CPU over {wall:.1f} s: service {cpu_svc:.1f} s ({cpu_svc / wall:.0%} of one core), load generator "
-        f"{cpu_gen:.1f} s ({cpu_gen / wall:.0%}); generator wake-up lag p99 {ms(percentile(lag, 99))} ms, "
-        f"max {ms(max(lag, default=0.0))} ms; checks due while the previous one was unanswered: {behind}",
-        f"inside the service (access log, every HEAD incl. the connections' first): p50 "
-        f"{ms(percentile(inside, 50))} ms, p99 {ms(percentile(inside, 99))} ms, max {ms(max(inside, default=0.0))} ms",
-        f"machine CPU pressure (PSI 'some', share of time runnable tasks waited for a CPU): before the run "
-        f"{pressure[0]}, at its end {pressure[1]}",
-        f"verdict: {'PASS' if ok else 'FAIL'} (target: HEAD p99 < {args.target_p99_ms:g} ms, zero errors)",
-    ]
+    for st in storms:
+        lat = st.heads()
+        lines.append(row(f"{st.server}: HEAD, all", [x for v in lat.values() for x in v], st.wall))
+        for k in ("hit", "equivalent", "miss"):
+            lines.append(row(f"{st.server}: HEAD, {k}", lat.get(k, []), st.wall))
+    lines.append(row("sstate-proxy: PUT (20-400 KB)", proxy.uploads.latencies, proxy.wall))
+    lines.append(row("sstate-proxy: OEHASHEQUIV report", proxy.reports.latencies, proxy.wall))
+    lines.append("")
+    for st in storms:
+        statuses: Counter = Counter()
+        lag: list[float] = []
+        for r in st.builders:
+            statuses.update(r.statuses)
+            lag.extend(r.lag)
+        behind = sum(r.behind for r in st.builders)
+        lines += [
+            f"{st.server}: {st.connections} connections established mid-run; HEAD statuses "
+            f"{dict(sorted(statuses.items()))}; errors {dict(st.errors()) or 'none'}",
+            f"{st.server}: CPU over {st.wall:.1f} s: server {st.cpu_server:.1f} s ({st.cpu_server / st.wall:.0%} of "
+            f"one core), load generator {st.cpu_generator:.1f} s ({st.cpu_generator / st.wall:.0%}); generator "
+            f"wake-up lag p99 {ms(percentile(lag, 99))} ms, max {ms(max(lag, default=0.0))} ms; checks due while "
+            f"the previous one was unanswered: {behind}; CPU pressure (PSI some) before {st.pressure[0]}, "
+            f"after {st.pressure[1]}",
+        ]
+    lines.append(f"sstate-proxy, inside the service (access log, every HEAD incl. the connections' first): "
+                 f"p50 {ms(percentile(inside, 50))} ms, p99 {ms(percentile(inside, 99))} ms, "
+                 f"max {ms(max(inside, default=0.0))} ms")
+    every = [x for v in proxy.heads().values() for x in v]
+    p99 = percentile(every, 99)
+    ok = not proxy.errors() and p99 * 1000 < args.target_p99_ms and proxy.alive
+    lines.append(f"verdict: {'PASS' if ok else 'FAIL'} (sstate-proxy HEAD p99 {ms(p99)} ms, target < "
+                 f"{args.target_p99_ms:g} ms; {sum(proxy.errors().values())} errors, target 0)")
     text = "\n".join(lines)
     print(text)
     if args.markdown:
         with open(args.markdown, "a") as f:
             f.write(text + "\n")
-    print(json.dumps({"head_p50_ms": p50 * 1000, "head_p99_ms": p99 * 1000, "head_max_ms": mx * 1000,
-                      "heads": len(every), "errors": sum(errors.values()), "connections": conns}))
     return 0 if ok else 1
 
 
