@@ -307,7 +307,7 @@ def machine() -> str:
     except OSError:
         pass
     return (f"{os.cpu_count()} CPUs ({cpu}), Linux {platform.release()}, Python {platform.python_version()}, "
-            f"aiohttp {aiohttp.__version__}, load average before the run {os.getloadavg()[0]:.2f}")
+            f"aiohttp {aiohttp.__version__}")
 
 
 def make_probes(corpus, rng: random.Random, n: int, hit: float, equivalent: float) -> list[Probe]:
