@@ -110,8 +110,9 @@ async def _reporter(address: str, storm: Storm, rng: random.Random, stop: asynci
 async def _storm(svc: Service, tcp: str, args: argparse.Namespace, storm: Storm, v: Verdict,
                  round_no: int) -> None:
     rng = random.Random(args.seed * 1000 + round_no)
-    want_uploads = len(storm.acked_objects) + args.kill_after_uploads
-    want_reports = len(storm.acked_reports) + args.kill_after_reports
+    # the kill comes once this round acknowledged enough of each storm that runs
+    want_uploads = len(storm.acked_objects) + (args.kill_after_uploads if args.uploaders else 0)
+    want_reports = len(storm.acked_reports) + (args.kill_after_reports if args.reporters else 0)
     stop = asyncio.Event()
     outhashes = [rng.getrandbits(256).to_bytes(32, "big").hex() for _ in range(max(4, args.reporters * 4))]
     addresses = [tcp if i % 2 == 0 else f"ws://127.0.0.1:{svc.port}/ws" for i in range(args.reporters)]
@@ -231,8 +232,8 @@ def run(workdir: Path, args: argparse.Namespace) -> Verdict:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--uploaders", type=int, default=16)
-    p.add_argument("--reporters", type=int, default=32, help="half over tcp, half over ws")
+    p.add_argument("--uploaders", type=int, default=16, help="0: a report storm alone")
+    p.add_argument("--reporters", type=int, default=32, help="half over tcp, half over ws; 0: uploads alone")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3, help="storm, kill, restart and check; this many times")
     p.add_argument("--kill-after-uploads", type=int, default=60, help="per round")
