@@ -76,3 +76,24 @@ async def test_a_write_queued_behind_a_lock_wait_waits_the_bound_in_all(tmp_path
         holder.execute("ROLLBACK")
         holder.close()
         await db.close()
+
+
+async def test_a_zombie_writers_temp_file_is_litter(tmp_path):
+    """Found by the SIGKILL run: the killed supervisor's workers were still zombies (dead, not
+    yet reaped by init) when the restarted service cleaned up, and counted as live writers."""
+    from storage.local import TEMP_PREFIX, LocalStore, _instance_tag
+
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)  # dies at once; not reaped until waitpid below: a zombie meanwhile
+    try:
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)  # it has exited; left unreaped: a zombie
+        store = LocalStore(str(tmp_path / "store"))
+        litter = tmp_path / "store" / "ab" / f"{TEMP_PREFIX}{_instance_tag()}.{pid}.0123456789abcdef"
+        litter.parent.mkdir(parents=True)
+        litter.write_bytes(b"partial")
+        assert await store.cleanup_temp() == 1
+        assert not litter.exists()
+        await store.close()
+    finally:
+        os.waitpid(pid, 0)
