@@ -17,6 +17,7 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import replace
 
@@ -293,6 +294,17 @@ def _serve(cfg: Config) -> int:
 KILL_AFTER_GRACE_S = 10
 
 
+def _exit_when_orphaned(lifeline: int) -> None:
+    """A worker's watch on its supervisor: the read returns (EOF) only when the supervisor is
+    gone, which it never is by a clean stop (that stops the workers first): it crashed or was
+    killed. The worker goes with it at once, as it would have with its process group, so the
+    restarted service can bind its ports (a graceful drain would hold them for seconds)."""
+    os.read(lifeline, 1)
+    log.error("worker %d: the supervisor is gone; exiting", os.getpid())
+    logging.shutdown()
+    os._exit(1)
+
+
 def supervise(cfg: Config, sock: socket.socket, hashserv_sock: socket.socket | None) -> int:
     """Fork ``workers`` processes that serve the listening socket(s) bound before; restart one
     that dies; on SIGTERM/SIGINT stop them all (each drains its requests in flight within
@@ -301,6 +313,10 @@ def supervise(cfg: Config, sock: socket.socket, hashserv_sock: socket.socket | N
 
     children: dict[int, int] = {}
     stopping = False
+    # The supervisor holds the write end and never writes. Without this lifeline, workers
+    # orphaned by a SIGKILLed supervisor went on serving the inherited sockets, and the
+    # restarted service could not bind its port.
+    lifeline_r, lifeline_w = os.pipe()
 
     def spawn(worker: int) -> None:
         pid = os.fork()
@@ -308,6 +324,9 @@ def supervise(cfg: Config, sock: socket.socket, hashserv_sock: socket.socket | N
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             signal.signal(signal.SIGALRM, signal.SIG_DFL)
+            os.close(lifeline_w)
+            threading.Thread(target=_exit_when_orphaned, args=(lifeline_r,), name="lifeline",
+                             daemon=True).start()
             code = 0
             try:
                 asyncio.run(run_worker(cfg, worker, sock, hashserv_sock))

@@ -18,8 +18,8 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from proxy.reports import ReportError
-from storage import DigestMismatch, InvalidKey, StoreError, StoreUnavailable, TooLarge
-from storage.equivalence import DatabaseUnavailable
+from storage import DigestMismatch, InvalidKey, NoSpace, StoreError, StoreUnavailable, TooLarge
+from storage.equivalence import DatabaseFull, DatabaseUnavailable
 
 log = logging.getLogger("sstate_proxy")
 
@@ -30,6 +30,9 @@ RID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # come before their bases (StoreUnavailable before StoreError).
 MAPPING: tuple[tuple[type[Exception], int, str, bool], ...] = (
     (StoreUnavailable, 503, "storage unavailable, retry later", True),
+    # 507: the request was fine, the cache's disk is full; nothing was stored, reads still work.
+    (NoSpace, 507, "insufficient storage: the cache's disk is full, nothing was stored", False),
+    (DatabaseFull, 507, "insufficient storage: the database's disk is full, nothing was stored", False),
     (DatabaseUnavailable, 503, "database unavailable, retry later", True),
     (InvalidKey, 400, "bad key", False),
     (DigestMismatch, 400, "upload refused", False),

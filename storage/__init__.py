@@ -31,6 +31,11 @@ class StoreUnavailable(StoreError):
     """The store cannot be reached right now; clients should retry later (503 + Retry-After)."""
 
 
+class NoSpace(StoreError):
+    """The store's disk (or quota) is full (ENOSPC, EDQUOT): nothing was stored, reads go on
+    (the HTTP layer answers 507 Insufficient Storage)."""
+
+
 class InvalidKey(ValueError):
     """The key would leave the store's root or is otherwise unusable: a client error (400)."""
 

@@ -38,6 +38,7 @@ from storage import (
     InvalidKey,
     LocalFile,
     Meta,
+    NoSpace,
     PutResult,
     StoreError,
     StoreUnavailable,
@@ -119,7 +120,23 @@ def _pid_alive(pid: int) -> bool:
         return True
     except OSError:
         return True
-    return True
+    # A zombie (dead, not yet reaped: a killed supervisor's workers wait for init to reap them)
+    # writes nothing any more; its temp files are litter.
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
+
+
+# A full filesystem or an exhausted quota: the write fails, the store itself is fine.
+_NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def _write_error(what: str, key: str, e: OSError) -> StoreError:
+    if e.errno in _NO_SPACE:
+        return NoSpace(f"{what} {key!r}: {e.strerror}")
+    return StoreError(f"{what} {key!r}: {e.strerror}")
 
 
 class _StreamError(Exception):
@@ -477,7 +494,7 @@ class LocalStore:
         except OSError as e:
             if e.errno in (errno.ENOTDIR, errno.ELOOP):
                 raise InvalidKey(f"cannot write {key!r}: {e.strerror}") from e
-            raise StoreError(f"write {key!r}: {e.strerror}") from e
+            raise _write_error("write", key, e) from e
         finally:
             if tmp is not None and dfd >= 0:
                 try:
@@ -515,7 +532,7 @@ class LocalStore:
                 return await self._link(key, path)
             except OSError as e:
                 if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
-                    raise StoreError(f"link {key!r}: {e.strerror}") from e
+                    raise _write_error("link", key, e) from e
                 log.info("local store: cannot hard-link %s (%s); copying", key, e.strerror)
         return await self.put(key, file_chunks(path), size=os.stat(path).st_size)
 

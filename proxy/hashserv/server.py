@@ -42,6 +42,7 @@ from proxy.auth import (
 )
 from proxy.hashserv.framing import ConnectionClosed, MessageIO, ProtocolError, dumps, loads
 from proxy.reports import ReportError, is_valid_unihash
+from storage.equivalence import DatabaseUnavailable
 
 if TYPE_CHECKING:
     from proxy.hashserv import HashservService
@@ -205,7 +206,8 @@ class Connection:
                             elapsed = time.perf_counter() - t0
                             self.stats.add(elapsed)
                             self.latency.observe(elapsed)
-                except (InvokeError, ReportError) as e:
+                except (InvokeError, ReportError, DatabaseUnavailable) as e:
+                    # a locked or full database is said as such (not an internal error)
                     io.write_message({"invoke-error": {"message": str(e)}})
                     break
                 if response is not NO_RESPONSE:

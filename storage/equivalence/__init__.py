@@ -79,6 +79,11 @@ class DatabaseUnavailable(Exception):
     unreachable): a transient fault, the HTTP layer answers 503 + Retry-After."""
 
 
+class DatabaseFull(DatabaseUnavailable):
+    """The database's disk is full (SQLite's "database or disk is full"): the write was rolled
+    back, reads go on; the HTTP layer answers 507, the hashserv faces an invoke-error."""
+
+
 class ReadOnlyError(PermissionError):
     """A write was attempted on a database opened read-only (either engine)."""
 

@@ -68,6 +68,7 @@ from storage.equivalence import (
     REMOVALS_BATCH,
     REMOVALS_KEEP_S,
     UNIHASH_COLUMNS,
+    DatabaseFull,
     DatabaseUnavailable,
     ObjectRow,
     ReadOnlyError,
@@ -184,6 +185,17 @@ def _unavailable(exc: BaseException) -> DatabaseUnavailable:
     return DatabaseUnavailable(f"the equivalence database is locked by another writer: {exc}")
 
 
+def _write_failure(exc: BaseException) -> BaseException:
+    """What a write's caller gets for ``exc``: lock waits past the bound and a full disk are
+    faults of their own (503, 507), anything else is passed on as it is."""
+    if _is_busy(exc):
+        return _unavailable(exc)
+    if isinstance(exc, sqlite3.OperationalError) and \
+            (getattr(exc, "sqlite_errorcode", 0) & 0xFF) == sqlite3.SQLITE_FULL:
+        return DatabaseFull(f"the equivalence database's disk is full: {exc}")
+    return exc
+
+
 def _outhash_params(row: Row) -> dict[str, Any]:
     data = {c: row[c] for c in OUTHASH_COLUMNS if row.get(c) is not None}
     for c in ("method", "taskhash", "outhash"):
@@ -235,6 +247,7 @@ def _connect(path: str, *, read_only: bool, busy_timeout_s: float) -> sqlite3.Co
 
 
 _Job = tuple[Callable[[sqlite3.Connection], Any], concurrent.futures.Future]
+_Queued = tuple[Callable[[sqlite3.Connection], Any], concurrent.futures.Future, float]  # + when queued
 
 
 class _Checkpointer:
@@ -274,20 +287,22 @@ class _Checkpointer:
 class _Writer:
     """The one thread that writes: group commit of every queued job, a SAVEPOINT per job."""
 
-    def __init__(self, conn: sqlite3.Connection, checkpointer: _Checkpointer) -> None:
+    def __init__(self, conn: sqlite3.Connection, checkpointer: _Checkpointer, busy_timeout_s: float) -> None:
         self.conn = conn
         self.checkpointer = checkpointer
+        self.busy_timeout_s = busy_timeout_s
+        self.busy_ms = int(busy_timeout_s * 1000)  # the connection's busy_timeout now
         # SQLite's own checkpoint-on-commit stays as a backstop, far above the checkpointer's
         # threshold, so that it practically never runs inside a commit.
         conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_BACKSTOP_PAGES}")
         self.commits = 0
-        self.jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self.jobs: queue.SimpleQueue[_Queued | None] = queue.SimpleQueue()
         self.thread = threading.Thread(target=self._run, name="equivalence-writer", daemon=True)
         self.thread.start()
 
     def submit(self, fn: Callable[[sqlite3.Connection], T]) -> concurrent.futures.Future:
         fut: concurrent.futures.Future = concurrent.futures.Future()
-        self.jobs.put((fn, fut))
+        self.jobs.put((fn, fut, time.monotonic()))
         return fut
 
     def stop(self) -> None:
@@ -313,11 +328,21 @@ class _Writer:
                     break
                 batch.append(more)
             # cancelled callers are dropped; the rest are marked running (no late cancel)
-            batch = [(fn, fut) for fn, fut in batch if fut.set_running_or_notify_cancel()]
-            if batch:
-                self._group(batch)
+            jobs = [(fn, fut) for fn, fut, _ in batch if fut.set_running_or_notify_cancel()]
+            if jobs:
+                self._bound_wait(batch[0][2])
+                self._group(jobs)
             if stop:
                 return
+
+    def _bound_wait(self, oldest: float) -> None:
+        """A caller waits for another process's lock at most ``busy_timeout_s`` in all: jobs that
+        queued while the previous group waited for the lock get only what is left of it (they
+        would otherwise wait twice as long)."""
+        left = max(0, int((self.busy_timeout_s - (time.monotonic() - oldest)) * 1000))
+        if abs(left - self.busy_ms) > 50:
+            self.conn.execute(f"PRAGMA busy_timeout = {left}")
+            self.busy_ms = left
 
     def _group(self, batch: list[_Job]) -> None:
         try:
@@ -328,7 +353,7 @@ class _Writer:
                     self.conn.execute("ROLLBACK")
                 except sqlite3.Error as rb:
                     log.error("rollback of a failed write transaction failed: %s", rb)
-            err = _unavailable(exc) if _is_busy(exc) else exc
+            err = _write_failure(exc)
             for _, fut in batch:
                 if not fut.done():
                     fut.set_exception(err)
@@ -345,7 +370,7 @@ class _Writer:
             except BaseException as exc:  # this job's statements only; the group goes on
                 conn.execute("ROLLBACK TO job")
                 conn.execute("RELEASE job")
-                outcomes.append((False, _unavailable(exc) if _is_busy(exc) else exc))
+                outcomes.append((False, _write_failure(exc)))
             else:
                 conn.execute("RELEASE job")
                 outcomes.append((True, result))
@@ -384,7 +409,7 @@ class SqliteEquivalenceDB:
                 if _is_busy(exc):
                     raise _unavailable(exc) from exc
                 raise
-            self._writer = _Writer(conn, _Checkpointer(path, busy_timeout_s))
+            self._writer = _Writer(conn, _Checkpointer(path, busy_timeout_s), busy_timeout_s)
         self._conn = _connect(path, read_only=read_only, busy_timeout_s=busy_timeout_s)
         self._heavy_lock = threading.Lock()
         self._gen = 0
