@@ -18,6 +18,7 @@ from time import time as time_now
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
+from proxy.access import AccessRecorder
 from proxy.auth import Auth
 from proxy.config import Config
 from proxy.equiv_api import EquivalenceAPI
@@ -28,6 +29,7 @@ from proxy.metrics import Metrics
 from proxy.mirror import SENT_KEY, Mirror
 from proxy.reports import Reporter
 from proxy.resolver import Resolver
+from proxy.retention import Policy, Scheduler, parse_duration
 from proxy.services import SERVICES, Services
 from proxy.uploads import Uploads
 from proxy.upstream_hashserv import UpstreamHashserv
@@ -184,13 +186,20 @@ async def _startup(app: web.Application) -> None:
     hashserv = HashservService(db, auth, cfg, reporter)
     if not options["skip_listeners"]:
         await hashserv.start(sock=options["hashserv_sock"])
-    mirror = Mirror(store, resolver, auth, metrics, cfg.server.mirror_prefix)
+    access = AccessRecorder(db, flush_s=cfg.retention.access_flush_s, enabled=cfg.retention.record_access)
+    access.start()
+    mirror = Mirror(store, resolver, auth, metrics, cfg.server.mirror_prefix, access=access)
     uploads = Uploads(mirror, max_upload_bytes=cfg.limits.max_upload_bytes,
                       read_only=cfg.hashserv.read_only)
     equiv = EquivalenceAPI(reporter, auth, metrics, cfg.limits.max_request_body_bytes)
     app[SERVICES] = Services(store=store, db=db, auth=auth, resolver=resolver, reporter=reporter,
                              hashserv=hashserv, mirror=mirror, uploads=uploads, equiv=equiv,
-                             metrics=metrics)
+                             metrics=metrics, access=access)
+    if cfg.retention.interval and options["housekeeping"]:  # one worker runs the schedule
+        services = app[SERVICES]
+        services.retention = Scheduler(store, db, Policy.from_config(cfg.retention),
+                                       parse_duration(cfg.retention.interval), on_removed=resolver.invalidate)
+        services.retention.start()
 
 
 async def _cleanup(app: web.Application) -> None:
@@ -198,8 +207,12 @@ async def _cleanup(app: web.Application) -> None:
     services = app.get(SERVICES)
     if services is None:
         return
-    for name, close in (("hashserv", services.hashserv.stop), ("reporter", services.reporter.close),
+    retention = services.retention.stop if services.retention is not None else None
+    for name, close in (("retention", retention), ("hashserv", services.hashserv.stop),
+                        ("reporter", services.reporter.close), ("access", services.access.stop),
                         ("store", services.store.close), ("db", services.db.close)):
+        if close is None:
+            continue
         try:
             await close()
         except Exception:

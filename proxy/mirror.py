@@ -16,6 +16,7 @@ from typing import BinaryIO, NoReturn
 from aiohttp import web
 
 from proxy import names
+from proxy.access import AccessRecorder
 from proxy.http_auth import require
 from proxy.metrics import Metrics
 from proxy.resolver import Resolution, Resolver
@@ -156,7 +157,9 @@ def plan(h: Mapping[str, str], meta: Meta, headers: dict) -> tuple[int, int, int
 
 
 class Mirror:
-    def __init__(self, store: ObjectStore, resolver: Resolver, auth, metrics: Metrics, prefix: str) -> None:
+    def __init__(self, store: ObjectStore, resolver: Resolver, auth, metrics: Metrics, prefix: str,
+                 access: AccessRecorder | None = None) -> None:
+        self.access = access if access is not None else AccessRecorder(resolver.db, enabled=False)
         self.store = store
         self.resolver = resolver
         self.auth = auth
@@ -202,6 +205,7 @@ class Mirror:
             self.metrics.object_request(method, "miss")
             return None, {}, 404, 0, 0
         self.metrics.object_request(method, res.source)
+        self.access.touch(res.key)
         headers = {SOURCE_HEADER: res.source}
         if res.source == "equivalent":
             headers[SERVED_HASH_HEADER] = res.served_hash

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from proxy.access import AccessRecorder
 from proxy.auth import Auth
 from proxy.equiv_api import EquivalenceAPI
 from proxy.hashserv.service import HashservService
@@ -13,6 +14,7 @@ from proxy.metrics import Metrics
 from proxy.mirror import Mirror
 from proxy.reports import Reporter
 from proxy.resolver import Resolver
+from proxy.retention import Scheduler
 from proxy.uploads import Uploads
 from storage import ObjectStore
 from storage.equivalence import EquivalenceDB
@@ -30,6 +32,8 @@ class Services:
     uploads: Uploads
     equiv: EquivalenceAPI
     metrics: Metrics
+    access: AccessRecorder
+    retention: Scheduler | None = None  # the scheduled gc, in the one worker that runs it
 
 
 SERVICES = web.AppKey("services", Services)

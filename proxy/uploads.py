@@ -173,6 +173,7 @@ class Uploads:
         if canonical is not None:
             headers[DEDUP_HEADER] = canonical
         self.resolver.invalidate()
+        await self.mirror.access.published(key, result.meta.size)
         self.metrics.upload("deduplicated" if canonical else "created")
         log.info("upload %s by %s: %d bytes%s", key, ident.username, result.meta.size,
                  f" (same archive as {canonical})" if canonical else "")
@@ -192,6 +193,8 @@ class Uploads:
         request["source"] = "delete"
         existed = await self.store.delete(key)
         self.resolver.invalidate()
+        if existed:
+            await self.mirror.access.removed(key)
         if not existed:
             raise web.HTTPNotFound(text="no such object\n")
         log.info("delete %s by %s", key, ident.username)

@@ -278,6 +278,17 @@ class LocalStore:
         Skips temp files, ``*.lock`` files, directories reached through symlinks (loops) and
         symlinks that leave the root.
         """
+        async for batch in self._key_batches(prefix, stat=False):
+            for k in batch:
+                yield k
+
+    async def entries(self, prefix: str = "") -> AsyncIterator[tuple[str, Meta]]:
+        """(key, meta) of every key ``keys`` lists; the stats run in the I/O pool too."""
+        async for batch in self._key_batches(prefix, stat=True):
+            for entry in batch:
+                yield entry
+
+    async def _key_batches(self, prefix: str, *, stat: bool) -> AsyncIterator[list]:
         if prefix:
             if "\x00" in prefix or "\\" in prefix or prefix.startswith("/"):
                 raise InvalidKey(f"bad prefix {prefix!r}")
@@ -291,10 +302,16 @@ class LocalStore:
         gen = self._walk(top, reldir + "/" if reldir else "", name_prefix)
         loop = asyncio.get_running_loop()
 
-        def take() -> list[str]:
-            out: list[str] = []
+        def take() -> list:
+            out: list = []
             for k in gen:
-                out.append(k)
+                if stat:
+                    found = self._lookup(k)
+                    if found is None:  # gone since the walk saw it
+                        continue
+                    out.append((k, _meta(found[1])))
+                else:
+                    out.append(k)
                 if len(out) >= 1000:
                     break
             return out
@@ -303,8 +320,7 @@ class LocalStore:
             batch = await loop.run_in_executor(self._pool, take)
             if not batch:
                 return
-            for k in batch:
-                yield k
+            yield batch
 
     def _walk(self, top: str, reltop: str, name_prefix: str) -> Iterator[str]:
         stack = [(top, reltop, name_prefix)]

@@ -13,6 +13,7 @@ parts. Writes are answered after their commit.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -235,6 +236,13 @@ class EquivalenceDB(Protocol):
         the position to ask from next time. ``after=None``: the current position and [] (where a
         new reader starts). Positions follow commit order."""
 
+
+    def exclusive(self, name: str) -> contextlib.AbstractAsyncContextManager[bool]:
+        """``async with db.exclusive("gc") as held:``: a lock named ``name`` shared by every
+        process on this database (workers, replicas, the CLI), taken without waiting: ``held`` is
+        False when another holder has it. Released on exit, or when the holder dies. SQLite: an
+        flock on a file beside the database; PostgreSQL: a session advisory lock on a connection
+        of its own."""
 
 # At most this many keys per removals_since answer (the reader asks again for the rest).
 REMOVALS_BATCH = 10000

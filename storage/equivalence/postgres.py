@@ -891,6 +891,28 @@ class PostgresEquivalenceDB:
             after, REMOVALS_BATCH), [])
         return (int(rows[-1][0]) if rows else after), [r[1] for r in rows]
 
+    @contextlib.asynccontextmanager
+    async def exclusive(self, name: str) -> AsyncIterator[bool]:
+        """A session advisory lock on ``hashtextextended(name)``, held on a connection of its
+        own (not a pooled one) for the whole block; PostgreSQL drops it if that session ends."""
+        if not name.isidentifier():
+            raise ValueError(f"bad lock name {name!r}")
+        try:
+            conn = await asyncpg.connect(self.dsn, timeout=CONNECT_TIMEOUT_S)
+        except Exception as exc:
+            if _is_unavailable(exc):
+                raise _unavailable(exc) from exc
+            raise
+        try:
+            held = await conn.fetchval("SELECT pg_try_advisory_lock(hashtextextended($1, 7))",
+                                       "sstate-proxy:" + name)
+            yield bool(held)
+        finally:
+            try:  # the lock ends with the session
+                await asyncio.wait_for(conn.close(), CONNECT_TIMEOUT_S)
+            except Exception:
+                conn.terminate()
+
     # --- bulk copy (`sstate-proxy db copy`) ----------------------------------------------------
     async def iter_rows(self, table: str, batch: int = 2000) -> AsyncIterator[list[Row]]:
         """Every row of ``table`` in insertion order (``id``; the dedup table by created, key),
