@@ -299,19 +299,13 @@ class LocalStore:
         top = self._root_slash + reldir if reldir else self._root
         if reldir and not self._inside(os.path.realpath(top)):
             return
-        gen = self._walk(top, reldir + "/" if reldir else "", name_prefix)
+        gen = self._walk(top, reldir + "/" if reldir else "", name_prefix, stat)
         loop = asyncio.get_running_loop()
 
         def take() -> list:
             out: list = []
-            for k in gen:
-                if stat:
-                    found = self._lookup(k)
-                    if found is None:  # gone since the walk saw it
-                        continue
-                    out.append((k, _meta(found[1])))
-                else:
-                    out.append(k)
+            for item in gen:
+                out.append(item if not stat else (item[0], _meta(item[1])))
                 if len(out) >= 1000:
                     break
             return out
@@ -322,7 +316,9 @@ class LocalStore:
                 return
             yield batch
 
-    def _walk(self, top: str, reltop: str, name_prefix: str) -> Iterator[str]:
+    def _walk(self, top: str, reltop: str, name_prefix: str, with_stat: bool = False) -> Iterator[Any]:
+        """Keys below ``top``; with ``with_stat``, (key, stat of the file) pairs (the walk's own
+        lstat, or the target's stat for a symlink)."""
         stack = [(top, reltop, name_prefix)]
         while stack:
             d, rel, only = stack.pop()
@@ -341,12 +337,12 @@ class LocalStore:
                         if e.is_dir(follow_symlinks=False):
                             stack.append((e.path, rel + name + "/", ""))
                         elif e.is_file(follow_symlinks=False):
-                            yield rel + name
+                            yield (rel + name, e.stat(follow_symlinks=False)) if with_stat else rel + name
                         elif e.is_symlink():
                             real = os.path.realpath(e.path)
                             if self._inside(real) and os.path.isfile(real):
-                                yield rel + name
-                    except OSError:
+                                yield (rel + name, os.stat(real)) if with_stat else rel + name
+                    except OSError:  # gone since the directory was read, say
                         continue
 
     # --- writes --------------------------------------------------------------------------
