@@ -54,6 +54,8 @@ REMOVE_CONCURRENCY = 8
 FORGET_BATCH = 256
 # The scheduled gc's first run comes at most this long after start-up, then every interval.
 FIRST_RUN_MAX_S = 600.0
+# Time buckets of oldest_first (each sorted on its own).
+SORT_BUCKETS = 4096
 
 
 def parse_size(text: str) -> int:
@@ -122,19 +124,19 @@ class Pins:
 class Unit:
     """An object and its companions (and dedup aliases): removed together."""
 
-    __slots__ = ("keys", "size", "last", "seen", "chosen")
+    __slots__ = ("keys", "size", "last", "seen")
 
     def __init__(self, key: str, size: int, mtime: float) -> None:
         self.keys = [key]  # aliases first (they go before their canonical's bytes)
         self.size = size  # bytes stored for the unit
         self.last = mtime  # last access (the newest mtime until the catalog says)
         self.seen = False  # a catalog row was found
-        self.chosen = False
 
 
 @dataclass
 class Listing:
-    units: list[Unit] = field(default_factory=list)
+    by_key: dict[str, Unit] = field(default_factory=dict)  # object and alias keys -> their unit
+    units: list[Unit] = field(default_factory=list)  # each unit once (filled by choose)
     files: int = 0
     bytes: int = 0
     stale: list[str] = field(default_factory=list)  # catalog rows of objects no longer stored
@@ -230,41 +232,48 @@ async def collect(store: ObjectStore, db: EquivalenceDB, started: float, progres
                 unit.last = max(unit.last, row.last_access)
             else:
                 unit.last, unit.seen = row.last_access, True
-    out.units = list({id(u): u for u in units.values()}.values())
+    out.by_key = units
     return out
 
 
+def oldest_first(units: list[Unit]) -> list[Unit]:
+    """``units`` by last access, oldest first: bucketed by time, then each bucket sorted on its
+    own, so that no single long sort holds the GIL (choose runs in a thread beside a worker's
+    event loop)."""
+    if not units:
+        return []
+    lo = min(u.last for u in units)
+    width = (max(u.last for u in units) - lo) / SORT_BUCKETS or 1.0
+    buckets: dict[int, list[Unit]] = {}
+    for u in units:
+        buckets.setdefault(int((u.last - lo) / width), []).append(u)
+    out: list[Unit] = []
+    for b in sorted(buckets):
+        out.extend(sorted(buckets[b], key=_last))
+    return out
+
+
+def _last(u: Unit) -> float:
+    return u.last
+
+
 def choose(listing: Listing, policy: Policy, now: float) -> tuple[list[Unit], int]:
-    """Step 3: the units to remove (oldest first) and how many units are pinned. Pure; runs in
-    a thread (sorting a million units takes a while)."""
+    """Step 3: the units to remove, oldest first, and how many units are pinned. Pure; runs in
+    a thread (a million units take a while)."""
+    listing.units = list({id(u): u for u in listing.by_key.values()}.values())
     pins = Pins(policy.pins)
-    pinned = 0
-    free: list[Unit] = []
-    for u in listing.units:
-        if pins.match(u.keys):
-            pinned += 1
-        else:
-            free.append(u)
-    free.sort(key=lambda u: u.last)
+    free = [u for u in listing.units if not pins.match(u.keys)]
+    pinned = len(listing.units) - len(free)
+    cutoff = None if policy.unused_for is None else now - policy.unused_for
     total = listing.bytes
     chosen: list[Unit] = []
-    if policy.unused_for is not None:
-        cutoff = now - policy.unused_for
-        for u in free:
-            if u.last >= cutoff:
-                break
-            u.chosen = True
-            chosen.append(u)
-            total -= u.size
-    if policy.max_size is not None:
-        for u in free:
-            if total <= policy.max_size:
-                break
-            if not u.chosen:
-                u.chosen = True
-                chosen.append(u)
-                total -= u.size
-    chosen.sort(key=lambda u: u.last)
+    for u in oldest_first(free):  # what goes is always a prefix of this order
+        old = cutoff is not None and u.last < cutoff
+        over = policy.max_size is not None and total > policy.max_size
+        if not (old or over):
+            break
+        chosen.append(u)
+        total -= u.size
     return chosen, pinned
 
 

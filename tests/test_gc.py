@@ -188,3 +188,15 @@ async def test_exclusive_runs(env, tmp_path: Path):
         assert report is not None and report.removed_objects == 1 and sched.runs == 1
     finally:
         await other.close()
+
+
+def test_oldest_first_is_a_sort():
+    import random
+
+    from proxy.retention import Unit, oldest_first
+
+    rng = random.Random(5)
+    for spread in (0.0, 1.0, 1e9):
+        units = [Unit(f"k{i}", 1, NOW + rng.random() * spread) for i in range(5000)]
+        assert [u.last for u in oldest_first(units)] == sorted(u.last for u in units)
+    assert oldest_first([]) == []
