@@ -242,20 +242,19 @@ async def fill_catalog(db_path: Path, keys: list[str], now: float) -> float:
 
 
 def timed(cmd: list[str], cwd: Path) -> tuple[float, int, str]:
-    """(seconds, peak RSS in MiB, last stdout line) of a child process."""
+    """(seconds, peak RSS in MiB, last stdout line) of a child process (its own rusage, from
+    wait4)."""
     note(cmd)
+    out_path = cwd / "gc.out"
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=cwd, env={**os.environ, "PYTHONPATH": str(REPO)},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    out, err = proc.communicate()
+    with open(out_path, "w") as out, open(cwd / "gc.err", "w") as err:
+        proc = subprocess.Popen(cmd, cwd=cwd, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=out, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, for its rusage
     seconds = time.monotonic() - t0
-    # ru_maxrss of the children waited for so far: this is the only child running now
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024
     if proc.returncode != 0:
-        raise RuntimeError(f"{shlex.join(cmd)} exited {proc.returncode}: {err[-2000:]}")
-    return seconds, peak, out.strip().splitlines()[-1]
+        raise RuntimeError(f"{shlex.join(cmd)} failed: {(cwd / 'gc.err').read_text()[-2000:]}")
+    return seconds, usage.ru_maxrss // 1024, out_path.read_text().strip().splitlines()[-1]
 
 
 def bench_gc(n: int, where: str | None) -> str:

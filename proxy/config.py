@@ -86,7 +86,7 @@ class RetentionConfig:
     max_size: str = ""  # SIZE: bytes, or with K/M/G/T (powers of 1024); "" = no bound
     unused_for: str = ""  # DURATION: 30d, 12h, 90m, 45s, 2w; "" = no age limit
     interval: str = ""  # DURATION between scheduled runs; "" = no scheduled gc
-    pin: tuple[str, ...] = ()  # key globs never removed (fnmatch; '*' also crosses '/')
+    pin: tuple[str, ...] = ()  # globs of keys or file names never removed ('*' also crosses '/')
     record_access: bool = True  # record when each object was last served (the catalog)
     access_flush_s: float = 5.0  # seconds between a worker's batched access writes
 

@@ -112,31 +112,46 @@ class Policy:
 
 
 class Pins:
-    """Key globs (fnmatch: ``*`` also crosses ``/``), compiled into one regex."""
+    """Globs (fnmatch: ``*`` also crosses ``/``) matched against each key and its file name,
+    compiled into one regex: ``sstate:gcc-cross-*`` and ``universal/*`` both work."""
 
     def __init__(self, globs: Sequence[str]) -> None:
         self._re = re.compile("|".join(fnmatch.translate(g) for g in globs)) if globs else None
 
     def match(self, keys: Sequence[str]) -> bool:
-        return self._re is not None and any(self._re.match(k) for k in keys)
+        if self._re is None:
+            return False
+        return any(self._re.match(k) or self._re.match(k.rsplit("/", 1)[-1]) for k in keys)
 
 
 class Unit:
-    """An object and its companions (and dedup aliases): removed together."""
+    """An object and its companions (and dedup aliases): removed together. Compact, since a
+    large store holds one per object in memory: one key is kept as a plain string."""
 
-    __slots__ = ("keys", "size", "last", "seen")
+    __slots__ = ("_keys", "size", "last", "seen")
 
     def __init__(self, key: str, size: int, mtime: float) -> None:
-        self.keys = [key]  # aliases first (they go before their canonical's bytes)
+        self._keys: str | list[str] = key  # aliases first (they go before their canonical's bytes)
         self.size = size  # bytes stored for the unit
         self.last = mtime  # last access (the newest mtime until the catalog says)
         self.seen = False  # a catalog row was found
 
+    @property
+    def keys(self) -> list[str]:
+        return [self._keys] if isinstance(self._keys, str) else self._keys
+
+    def add(self, key: str, *, first: bool = False) -> None:
+        keys = self.keys
+        if first:
+            keys.insert(0, key)
+        else:
+            keys.append(key)
+        self._keys = keys
+
 
 @dataclass
 class Listing:
-    by_key: dict[str, Unit] = field(default_factory=dict)  # object and alias keys -> their unit
-    units: list[Unit] = field(default_factory=list)  # each unit once (filled by choose)
+    units: list[Unit] = field(default_factory=list)
     files: int = 0
     bytes: int = 0
     stale: list[str] = field(default_factory=list)  # catalog rows of objects no longer stored
@@ -198,14 +213,16 @@ async def collect(store: ObjectStore, db: EquivalenceDB, started: float, progres
         unit = units.get(okey)
         if unit is None:
             units[okey] = unit = Unit(key, meta.size, meta.mtime)
+            out.units.append(unit)
         else:
-            unit.keys.append(key)
+            unit.add(key)
             unit.size += meta.size
             unit.last = max(unit.last, meta.mtime)
         if out.files % 1000 == 0:
             progress.listed(out.files)
     progress.listed(out.files)
     # Dedup aliases join their canonical's unit (with their own companions).
+    absorbed: set[int] = set()
     async for rows in db.iter_rows("sstate_proxy_archives"):
         for row in rows:
             alias, canonical = row["key"], row["canonical"]
@@ -216,11 +233,15 @@ async def collect(store: ObjectStore, db: EquivalenceDB, started: float, progres
                 continue
             own = units.get(alias)
             if own is not None and own is not target:
-                target.keys[:0] = own.keys
+                for k in reversed(own.keys):
+                    target.add(k, first=True)
                 target.size += own.size
                 target.last = max(target.last, own.last)
-            target.keys.insert(0, alias)
+                absorbed.add(id(own))
+            target.add(alias, first=True)
             units[alias] = target
+    if absorbed:
+        out.units = [u for u in out.units if id(u) not in absorbed]
     async for batch in db.iter_objects():
         for row in batch:
             unit = units.get(object_key_of(row.key))
@@ -232,7 +253,6 @@ async def collect(store: ObjectStore, db: EquivalenceDB, started: float, progres
                 unit.last = max(unit.last, row.last_access)
             else:
                 unit.last, unit.seen = row.last_access, True
-    out.by_key = units
     return out
 
 
@@ -260,9 +280,8 @@ def _last(u: Unit) -> float:
 def choose(listing: Listing, policy: Policy, now: float) -> tuple[list[Unit], int]:
     """Step 3: the units to remove, oldest first, and how many units are pinned. Pure; runs in
     a thread (a million units take a while)."""
-    listing.units = list({id(u): u for u in listing.by_key.values()}.values())
     pins = Pins(policy.pins)
-    free = [u for u in listing.units if not pins.match(u.keys)]
+    free = [u for u in listing.units if not pins.match(u.keys)] if policy.pins else listing.units
     pinned = len(listing.units) - len(free)
     cutoff = None if policy.unused_for is None else now - policy.unused_for
     total = listing.bytes
@@ -438,7 +457,7 @@ async def gc_command(cfg, policy: Policy, *, dry_run: bool, show_progress: bool)
     db = open_equivalence_db(cfg.database.url)
     store = open_store(cfg, db)
     try:
-        await store.start(housekeeping=False)
+        # No store.start(): gc lists the store itself, and an S3 index would be a second listing.
 
         def show(u: Unit) -> None:
             when = datetime.fromtimestamp(u.last, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -565,16 +565,8 @@ class S3Store:
                 self._pool.submit(body.close)
 
     async def keys(self, prefix: str = "") -> AsyncIterator[str]:
-        paginator = self._s3.get_paginator("list_objects_v2")
-        pages = iter(paginator.paginate(Bucket=self._bucket, Prefix=self._kp + prefix,
-                                        PaginationConfig={"PageSize": self.list_page_size}))
-        n = len(self._kp)
-        while True:
-            page = await self._call(next, pages, None, _timeout=self._timeout * 3)
-            if page is None:
-                return
-            for obj in page.get("Contents", ()):
-                yield obj["Key"][n:]
+        async for key, _meta in self.entries(prefix):
+            yield key
 
     async def entries(self, prefix: str = "") -> AsyncIterator[tuple[str, Meta]]:
         """(key, meta) from the listing itself: no request per object."""

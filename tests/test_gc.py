@@ -100,7 +100,8 @@ async def test_unused_for_and_pins_beat_everything(env):
     for i in range(4):
         await put(store, root, key(i), 10, NOW - (i + 1) * 10 * DAY)  # 10, 20, 30, 40 days old
     await db.touch_objects({key(3): NOW - 1 * DAY})  # 3 was used yesterday
-    report = await run_gc(store, db, Policy(unused_for=parse_duration("15d"), pins=(key(2),)), now=NOW)
+    pin = "sstate:foo:*:" + f"{2:064x}" + "_*"  # a file-name glob
+    report = await run_gc(store, db, Policy(unused_for=parse_duration("15d"), pins=(pin,)), now=NOW)
     assert report.removed_objects == 1
     assert await keys(store) == {key(0), key(2), key(3)}
     # a bound the pins alone exceed: everything else goes, the report says so
