@@ -38,7 +38,7 @@ from datetime import UTC, datetime
 
 from proxy.names import EXTENSIONS
 from storage import ObjectStore, StoreError
-from storage.equivalence import EquivalenceDB
+from storage.equivalence import DatabaseUnavailable, EquivalenceDB
 
 log = logging.getLogger("sstate_proxy.retention")
 
@@ -497,4 +497,10 @@ def command(cfg, args: argparse.Namespace) -> int:
               "(or [retention] max_size / unused_for)", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING)
-    return asyncio.run(gc_command(cfg, policy, dry_run=args.dry_run, show_progress=not args.no_progress))
+    try:
+        return asyncio.run(gc_command(cfg, policy, dry_run=args.dry_run, show_progress=not args.no_progress))
+    # What was deleted before the fault stays deleted; keys whose batch could not be logged reach
+    # other processes' S3 indexes at their next re-listing instead.
+    except (DatabaseUnavailable, StoreError) as e:
+        print(f"sstate-proxy gc: {e}", file=sys.stderr)
+        return 1
