@@ -9,8 +9,11 @@ writes the whole batch in one transaction; ``stop()`` writes what is left. A fai
 database is unavailable) keeps its entries for the next one. Several workers and replicas
 touching one key agree through the database: ``last_access = max(old, new)``.
 
-On SQLite every commit moves ``PRAGMA data_version``, which drops the rewrite's caches in every
-worker (proxy/resolver.py); ``flush_s`` keeps that to one drop per worker per few seconds.
+Last access is kept to within RESOLUTION_S: a key this worker wrote less than that long ago is
+not written again, so a HEAD storm over the same objects commits nothing after its first flush.
+That matters on SQLite, where every commit moves ``PRAGMA data_version`` and so drops the
+rewrite's caches in every worker (proxy/resolver.py); ``flush_s`` and RESOLUTION_S bound those
+drops (BENCHMARKS.md measures them). Retention thinks in hours and days, not seconds.
 """
 
 from __future__ import annotations
@@ -24,6 +27,10 @@ from storage.equivalence import EquivalenceDB
 
 log = logging.getLogger("sstate_proxy.access")
 
+# A key written less than this long ago is not written again (see the module docstring).
+RESOLUTION_S = 60.0
+# Past this many remembered writes, the ones older than RESOLUTION_S are forgotten at a flush.
+WRITTEN_MAX = 100_000
 # Bound on the final flush at shutdown (a database that does not answer must not hold the exit).
 STOP_FLUSH_TIMEOUT_S = 5.0
 
@@ -36,6 +43,7 @@ class AccessRecorder:
         self.flush_s = flush_s
         self.enabled = enabled
         self._pending: dict[str, float] = {}
+        self._written: dict[str, float] = {}  # key -> the access time last written for it
         self._due = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.flushes = 0  # batches written (tests and benchmarks read it)
@@ -44,9 +52,12 @@ class AccessRecorder:
     def touch(self, key: str) -> None:
         """``key`` was served now: a dict write (the flush task writes it to the database)."""
         if self.enabled:
+            now = time.time()
+            if self._written.get(key, 0.0) > now - RESOLUTION_S:
+                return  # written recently enough
             if not self._pending:
                 self._due.set()
-            self._pending[key] = time.time()
+            self._pending[key] = now
 
     def start(self) -> None:
         if self.enabled and self._task is None:
@@ -82,6 +93,10 @@ class AccessRecorder:
             log.info("recording object access works again")
         self._failing = False
         self.flushes += 1
+        self._written.update(batch)
+        if len(self._written) > WRITTEN_MAX:
+            cutoff = time.time() - RESOLUTION_S
+            self._written = {k: t for k, t in self._written.items() if t > cutoff}
 
     async def published(self, key: str, size: int) -> None:
         """``key`` (``size`` bytes) was stored by a PUT: catalogued as 'local' now. A database

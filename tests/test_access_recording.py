@@ -11,6 +11,7 @@ import sqlite3
 import time
 from pathlib import Path
 
+from proxy import access
 from proxy.access import AccessRecorder
 from storage.equivalence import ObjectRow
 from storage.equivalence.sqlite import SqliteEquivalenceDB
@@ -23,7 +24,14 @@ async def rows(db) -> dict[str, ObjectRow]:
     return {r.key: r async for b in db.iter_objects() for r in b}
 
 
-async def test_touches_fold_into_one_batch(tmp_path: Path):
+async def until(cond, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.02)
+
+
+async def test_touches_fold_into_one_batch(tmp_path: Path, monkeypatch):
     db = SqliteEquivalenceDB(str(tmp_path / "db"))
     rec = AccessRecorder(db, flush_s=0.05)
     rec.start()
@@ -32,16 +40,20 @@ async def test_touches_fold_into_one_batch(tmp_path: Path):
         for _ in range(1000):
             rec.touch("a")
             rec.touch("b")
-        await asyncio.sleep(0.3)
+        await until(lambda: rec.flushes == 1)
         got = await rows(db)
         assert set(got) == {"a", "b"} and got["a"].last_access >= t0
         assert got["a"].size == 0 and got["a"].origin == "local"
         assert rec.flushes == 1  # 2000 touches, one transaction
         await asyncio.sleep(0.2)
         assert rec.flushes == 1  # idle: no flush, no commit
+        rec.touch("a")  # written less than RESOLUTION_S ago: not again
+        await asyncio.sleep(0.2)
+        assert rec.flushes == 1 and (await rows(db))["a"].last_access == got["a"].last_access
+        monkeypatch.setattr(access, "RESOLUTION_S", 0.0)
         rec.touch("a")
-        await asyncio.sleep(0.3)
-        assert rec.flushes == 2 and (await rows(db))["a"].last_access > got["a"].last_access
+        await until(lambda: rec.flushes == 2)
+        assert (await rows(db))["a"].last_access > got["a"].last_access
     finally:
         await rec.stop()
         await db.close()
