@@ -2,14 +2,16 @@
 
 ``access``: HEAD requests/s of the running service (``--workers N``, SQLite) with access
 recording off (``[retention] record_access = false``), on (the default flush every 5 s), and on
-with a short flush (0.5 s, to show what a flush costs: on SQLite every commit makes every
-worker drop its rewrite caches). wrk drives HEADs over many keys (a Lua script cycles through
-the paths, as a bitbake HEAD storm asks for many objects): plain hits, and rewritten names
-(taskhash names answered with the equivalent unihash object). The objects are empty (wrk reads
-a HEAD answer's Content-Length of body; a HEAD costs the same whatever the size). Modes are interleaved round by
-round (off, on, fast, off, ...) on one machine; the table gives the median of the rounds and
-the ratio on/off, of the rate and of the requests served per CPU-second of the service's
-processes (the cost per request; the rate alone moves with whatever else runs on the machine).
+with a short flush (0.5 s). On SQLite every commit makes every worker drop its rewrite caches;
+the recorder writes a key at most once a minute (proxy/access.py), so a storm over the same
+objects commits once and then nothing. wrk drives HEADs over many keys (a Lua script cycles
+through the paths, as a bitbake HEAD storm asks for many objects): plain hits, and rewritten
+names (taskhash names answered with the equivalent unihash object). The objects are empty (wrk
+reads a HEAD answer's Content-Length of body; a HEAD costs the same whatever the size). Modes
+are interleaved round by round (off, on, fast, off, ...) on one machine; the table gives the
+median of the rounds and the ratio on/off, of the rate and of the requests served per
+CPU-second of the service's processes (the cost per request; the rate alone moves with whatever
+else runs on the machine). In-process, the CPU cost of one ``touch()`` and of one flush.
 
 ``gc``: a local store of ``--objects`` empty files (sstate names in hh/hh dirs, mtimes spread
 over 100 days) with half of them in the catalog as used recently, then ``sstate-proxy gc
