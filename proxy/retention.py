@@ -48,10 +48,11 @@ _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])", re.IGNORECASE)
 _COMPANIONS = (".siginfo", ".sig")
 
-# Units removed concurrently (each a few store deletes), and keys per forget_objects batch: a
-# removal reaches the other processes' caches after its batch's commit.
+# Units removed concurrently (each a few store deletes), and units per batch: a batch's keys are
+# logged (forget_objects) when it is done, so a removal reaches the other processes' caches
+# after its batch's commit.
 REMOVE_CONCURRENCY = 8
-FORGET_BATCH = 256
+REMOVE_BATCH = 128
 # The scheduled gc's first run comes at most this long after start-up, then every interval.
 FIRST_RUN_MAX_S = 600.0
 # Time buckets of oldest_first (each sorted on its own).
@@ -193,13 +194,17 @@ class Report:
 
 
 class Progress:
-    """What a run reports as it goes (the CLI draws a bar; the service logs)."""
+    """Receives a run's progress. This base shows nothing (the scheduled gc logs its summary
+    line only); the command's subclass draws a bar."""
 
-    def listed(self, files: int) -> None: ...
+    def listed(self, files: int) -> None:
+        """``files`` keys listed so far."""
 
-    def removing(self, total: int) -> None: ...
+    def removing(self, total: int) -> None:
+        """The removal of ``total`` objects begins."""
 
-    def removed(self, n: int) -> None: ...
+    def removed(self, n: int) -> None:
+        """``n`` more objects were removed."""
 
 
 async def collect(store: ObjectStore, db: EquivalenceDB, started: float, progress: Progress) -> Listing:
@@ -323,8 +328,8 @@ async def remove(store: ObjectStore, db: EquivalenceDB, units: list[Unit], progr
             progress.removed(1)
 
     progress.removing(len(units))
-    for start in range(0, len(units), FORGET_BATCH // 2):
-        await asyncio.gather(*(one(u) for u in units[start:start + FORGET_BATCH // 2]))
+    for start in range(0, len(units), REMOVE_BATCH):
+        await asyncio.gather(*(one(u) for u in units[start:start + REMOVE_BATCH]))
         if gone:
             batch, gone = gone, []
             await db.forget_objects(batch)
