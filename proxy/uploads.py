@@ -193,9 +193,8 @@ class Uploads:
         request["source"] = "delete"
         existed = await self.store.delete(key)
         self.resolver.invalidate()
-        if existed:
-            await self.mirror.access.removed(key)
         if not existed:
             raise web.HTTPNotFound(text="no such object\n")
+        await self.mirror.access.removed(key)
         log.info("delete %s by %s", key, ident.username)
         return web.Response(status=204)
