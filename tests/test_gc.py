@@ -1,6 +1,6 @@
-"""gc (proxy/retention.py) in-process, on a real store and database: what is chosen, pins,
-companions, dedup aliases, dry runs, stale catalog rows; and the size/duration syntax.
-The service-level acceptance (requests during gc, the rewrite, S3, the CLI) is in
+"""gc (proxy/retention.py) in-process, on a real local store and database (SQLite, and PostgreSQL on
+the throwaway cluster of tests/pg.py): what is chosen, pins, companions, dedup aliases, dry runs,
+stale catalog rows; and the size/duration syntax. The service-level acceptance (requests during gc, the rewrite, S3, the CLI) is in
 test_gc_service.py."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 
 from proxy.retention import Policy, object_key_of, parse_duration, parse_size, run_gc
 from storage.dedup import DedupStore
-from storage.equivalence.sqlite import SqliteEquivalenceDB
+from storage.equivalence import open_equivalence_db
 from storage.local import LocalStore
 from tests.test_storage import feed
 from tests.test_upload import make_archive
@@ -27,12 +27,17 @@ def key(n: int, companion: str = "") -> str:
     return f"universal/{h[:2]}/{h[2:4]}/sstate:foo:core2-64-poky-linux:1.0:r0:core2-64:11:{h}_populate_sysroot.tar.zst{companion}"
 
 
-@pytest.fixture
-async def env(tmp_path: Path):
-    db = SqliteEquivalenceDB(str(tmp_path / "db"))
+@pytest.fixture(params=["sqlite", "postgres"])
+async def env(request, tmp_path: Path):
+    if request.param == "postgres":
+        url = request.getfixturevalue("pg_cluster").create_database()  # tests/pg.py
+    else:
+        url = f"sqlite:///{tmp_path / 'db'}"
+    db = open_equivalence_db(url)
     inner = LocalStore(str(tmp_path / "root"))
     store = DedupStore(inner, db)
     await store.start()
+    request.node.db_url = url  # test_exclusive_runs opens a second instance
     yield store, inner, db, tmp_path / "root"
     await store.close()
     await db.close()
@@ -172,12 +177,12 @@ async def test_entries_local(env):
     assert set(got) == {key(1)} and got[key(1)].size == 123 and got[key(1)].mtime == NOW
 
 
-async def test_exclusive_runs(env, tmp_path: Path):
+async def test_exclusive_runs(env, request):
     """The CLI and the schedule take the same lock: a second gc is skipped, not run twice."""
     store, inner, db, root = env
     from proxy.retention import Scheduler
 
-    other = SqliteEquivalenceDB(str(tmp_path / "db"))
+    other = open_equivalence_db(request.node.db_url)
     try:
         sched = Scheduler(store, other, Policy(max_size=0), 3600)
         await put(store, root, key(1), 10, time.time())
