@@ -19,6 +19,7 @@ from time import time as time_now
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
+from proxy.access import AccessRecorder
 from proxy.auth import Auth
 from proxy.config import Config
 from proxy.dashboard import Dashboard
@@ -37,6 +38,7 @@ from proxy.metrics import Metrics
 from proxy.mirror import SENT_KEY, Mirror
 from proxy.reports import Reporter
 from proxy.resolver import Resolver
+from proxy.retention import Policy, Scheduler, parse_duration
 from proxy.services import SERVICES, Services
 from proxy.stats import PATH as STATS_PATH
 from proxy.stats import StatsEndpoint
@@ -198,6 +200,8 @@ async def _startup(app: web.Application) -> None:
     hashserv = HashservService(db, auth, cfg, reporter, metrics)
     if not options["skip_listeners"]:
         await hashserv.start(sock=options["hashserv_sock"])
+    access = AccessRecorder(db, flush_s=cfg.retention.access_flush_s, enabled=cfg.retention.record_access)
+    access.start()
     mirrors = None
     if cfg.upstream.mirrors:
         pulled = PulledCache(db, store, cfg.upstream.cache_max_bytes)
@@ -205,7 +209,8 @@ async def _startup(app: web.Application) -> None:
         mirrors = UpstreamMirrors(cfg.upstream, store, pulled, KeyLocks(lock_dir_for(cfg)), metrics)
         if upstream is not None:
             resolver.use_upstream_hashserv(reporter.get, cfg.upstream.negative_ttl_s)
-    mirror = Mirror(store, resolver, auth, metrics, cfg.server.mirror_prefix, upstream=mirrors)
+    mirror = Mirror(store, resolver, auth, metrics, cfg.server.mirror_prefix, upstream=mirrors,
+                    access=access)
     uploads = Uploads(mirror, max_upload_bytes=cfg.limits.max_upload_bytes,
                       read_only=cfg.hashserv.read_only, body_timeout_s=cfg.limits.body_timeout_s)
     equiv = EquivalenceAPI(reporter, auth, metrics, cfg.limits.max_request_body_bytes,
@@ -216,7 +221,14 @@ async def _startup(app: web.Application) -> None:
     dashboard = Dashboard(cfg, db, auth)
     app[SERVICES] = Services(store=store, db=db, auth=auth, resolver=resolver, reporter=reporter,
                              hashserv=hashserv, mirror=mirror, uploads=uploads, equiv=equiv,
-                             metrics=metrics, traffic=traffic, dashboard=dashboard, upstream=mirrors)
+                             metrics=metrics, traffic=traffic, dashboard=dashboard, upstream=mirrors,
+                             access=access)
+    if cfg.retention.interval and options["housekeeping"]:  # one worker runs the schedule
+        services = app[SERVICES]
+        services.retention = Scheduler(store, db, Policy.from_config(cfg.retention),
+                                       parse_duration(cfg.retention.interval), on_removed=resolver.invalidate,
+                                       metrics=metrics)
+        services.retention.start()
 
 
 async def _cleanup(app: web.Application) -> None:
@@ -224,11 +236,14 @@ async def _cleanup(app: web.Application) -> None:
     services = app.get(SERVICES)
     if services is None:
         return
-    closing = [("hashserv", services.hashserv.stop), ("reporter", services.reporter.close),
-               ("traffic history", services.traffic.close)]
+    closing = [("retention", services.retention.stop if services.retention is not None else None),
+               ("hashserv", services.hashserv.stop), ("reporter", services.reporter.close),
+               ("traffic history", services.traffic.close), ("access", services.access.stop)]
     if services.upstream is not None:
         closing += [("upstream", services.upstream.close), ("upstream cache", services.upstream.cache.close)]
     for name, close in (*closing, ("store", services.store.close), ("db", services.db.close)):
+        if close is None:
+            continue
         try:
             await close()
         except Exception:

@@ -83,6 +83,19 @@ class UpstreamConfig:
 
 
 @dataclass(frozen=True)
+class RetentionConfig:
+    """Object retention (proxy/retention.py): the defaults of `sstate-proxy gc`, and with
+    ``interval`` the same gc run by the service on a schedule."""
+
+    max_size: str = ""  # SIZE: bytes, or with K/M/G/T (powers of 1024); "" = no bound
+    unused_for: str = ""  # DURATION: 30d, 12h, 90m, 45s, 2w; "" = no age limit
+    interval: str = ""  # DURATION between scheduled runs; "" = no scheduled gc
+    pin: tuple[str, ...] = ()  # globs of keys or file names never removed ('*' also crosses '/')
+    record_access: bool = True  # record when each object was last served (the catalog)
+    access_flush_s: float = 5.0  # seconds between a worker's batched access writes
+
+
+@dataclass(frozen=True)
 class LimitsConfig:
     max_upload_bytes: int = 4 * 1024**3
     max_request_body_bytes: int = 1024 * 1024  # JSON bodies (/v1/equivalent)
@@ -113,6 +126,7 @@ class Config:
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     dashboard: DashboardConfig = field(default_factory=DashboardConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
 
 
 # --- validation helpers -------------------------------------------------------------------
@@ -231,6 +245,7 @@ def validate(cfg: Config) -> Config:
     if cfg.dashboard.history_days < 1:
         raise ConfigError("dashboard.history_days: must be at least 1")
     validate_upstream(cfg.upstream)
+    _validate_retention(cfg.retention)
     return replace(cfg, hashserv=replace(h, anon_perms=anon))
 
 
@@ -252,6 +267,26 @@ def validate_upstream(up: UpstreamConfig) -> None:
         raise ConfigError("upstream.timeout_s: must be more than 0 and at most 600 seconds")
     if not 0 <= up.negative_ttl_s <= 3600:
         raise ConfigError("upstream.negative_ttl_s: must be between 0 and 3600 seconds")
+
+
+def _validate_retention(r: RetentionConfig) -> None:
+    from proxy.retention import parse_duration, parse_size
+
+    try:
+        if r.max_size:
+            parse_size(r.max_size)
+    except ValueError as e:
+        raise ConfigError(f"retention.max_size: {e}") from None
+    for key in ("unused_for", "interval"):
+        try:
+            if getattr(r, key):
+                parse_duration(getattr(r, key))
+        except ValueError as e:
+            raise ConfigError(f"retention.{key}: {e}") from None
+    if r.interval and not (r.max_size or r.unused_for):
+        raise ConfigError("retention.interval: a scheduled gc needs max_size or unused_for")
+    if not 0 < r.access_flush_s <= 300:
+        raise ConfigError("retention.access_flush_s: must be more than 0 and at most 300 seconds")
 
 
 def split_bind(key: str, bind: str, any_host: str | None = "0.0.0.0") -> tuple[str | None, int]:

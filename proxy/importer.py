@@ -26,11 +26,12 @@ import os
 import re
 import stat as stat_mod
 import sys
+import time
 from dataclasses import dataclass, field
 
 from proxy import names
 from storage import InvalidKey, ObjectStore, StoreError, open_store
-from storage.equivalence import open_equivalence_db
+from storage.equivalence import EquivalenceDB, open_equivalence_db
 
 log = logging.getLogger("sstate_proxy.import")
 
@@ -110,8 +111,9 @@ def scan(top: str, summary: Summary) -> list[tuple[str, str]]:
 
 
 class Importer:
-    def __init__(self, store: ObjectStore, *, link: bool, jobs: int) -> None:
+    def __init__(self, store: ObjectStore, *, link: bool, jobs: int, catalog: EquivalenceDB | None = None) -> None:
         self.store = store
+        self.catalog = catalog  # imported objects are catalogued as 'local' (retention)
         self.link = link
         self.jobs = max(1, jobs)
         self._warned_copy = False
@@ -127,6 +129,11 @@ class Importer:
                 s.skipped += 1
                 return
             s.added += 1
+            if self.catalog is not None:
+                try:
+                    await self.catalog.record_object(key, size, "local", time.time())
+                except Exception as e:  # stored all the same; gc falls back to the file's mtime
+                    log.warning("cataloguing %s failed: %s", key, e)
             if result.shared_with is not None:
                 s.deduplicated += 1
                 return
@@ -174,7 +181,7 @@ async def import_dir(cfg, top: str, *, link: bool = False, jobs: int = 8, dedup:
     store = open_store(cfg, db if dedup else None)
     try:
         await store.start()
-        imp = Importer(store, link=link, jobs=jobs)
+        imp = Importer(store, link=link, jobs=jobs, catalog=db)
         if show_progress:
             from rich.console import Console
             from rich.progress import (

@@ -16,6 +16,7 @@ from typing import BinaryIO, NoReturn
 from aiohttp import web
 
 from proxy import names
+from proxy.access import AccessRecorder
 from proxy.http_auth import require
 from proxy.metrics import Metrics
 from proxy.resolver import Candidate, Resolution, Resolver
@@ -183,7 +184,8 @@ class _ClientSink:
 
 class Mirror:
     def __init__(self, store: ObjectStore, resolver: Resolver, auth, metrics: Metrics, prefix: str,
-                 upstream: UpstreamMirrors | None = None) -> None:
+                 upstream: UpstreamMirrors | None = None, access: AccessRecorder | None = None) -> None:
+        self.access = access if access is not None else AccessRecorder(resolver.db, enabled=False)
         self.store = store
         self.resolver = resolver
         self.auth = auth
@@ -232,6 +234,7 @@ class Mirror:
             res = await self._upstream_resolution(method, h, key, name)
         if res is None:
             return None, {}, 404, 0, 0
+        self.access.touch(res.key)
         headers = {SOURCE_HEADER: res.source}
         if res.source == "equivalent" or (res.source == "upstream" and name is not None
                                           and res.served_hash != name.hash):

@@ -14,12 +14,14 @@ COMMANDS: dict[str, Callable] = {}
 
 def add_parsers(sub: argparse._SubParsersAction, add_config_args: Callable) -> None:
     """Register the operation sub-commands."""
-    from proxy import dbcopy, importer
+    from proxy import dbcopy, importer, retention
 
     importer.add_parser(sub, add_config_args)
     COMMANDS["import"] = importer.command
     dbcopy.add_parser(sub, add_config_args)
     COMMANDS["db"] = dbcopy.command
+    retention.add_parser(sub, add_config_args)
+    COMMANDS["gc"] = retention.command
 
 
 def run(command: str, cfg, args: argparse.Namespace) -> int:

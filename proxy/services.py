@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from proxy.access import AccessRecorder
 from proxy.auth import Auth
 from proxy.dashboard import Dashboard
 from proxy.equiv_api import EquivalenceAPI
@@ -14,6 +15,7 @@ from proxy.metrics import Metrics
 from proxy.mirror import Mirror
 from proxy.reports import Reporter
 from proxy.resolver import Resolver
+from proxy.retention import Scheduler
 from proxy.traffic import TrafficRecorder
 from proxy.uploads import Uploads
 from proxy.upstream import UpstreamMirrors
@@ -35,7 +37,9 @@ class Services:
     metrics: Metrics
     traffic: TrafficRecorder
     dashboard: Dashboard
+    access: AccessRecorder
     upstream: UpstreamMirrors | None = None  # [upstream] mirrors
+    retention: Scheduler | None = None  # the scheduled gc, in the one worker that runs it
 
 
 SERVICES = web.AppKey("services", Services)

@@ -185,6 +185,7 @@ class Uploads:
         if canonical is not None:
             headers[DEDUP_HEADER] = canonical
         self.resolver.invalidate()
+        await self.mirror.access.published(key, result.meta.size)
         self.metrics.upload("deduplicated" if canonical else "created")
         log.info("upload %s by %s: %d bytes%s", key, ident.username, result.meta.size,
                  f" (same archive as {canonical})" if canonical else "")
@@ -206,5 +207,6 @@ class Uploads:
         self.resolver.invalidate()
         if not existed:
             raise web.HTTPNotFound(text="no such object\n")
+        await self.mirror.access.removed(key)
         log.info("delete %s by %s", key, ident.username)
         return web.Response(status=204)

@@ -1,7 +1,7 @@
 """Where objects live. Knows nothing of HTTP: the mirror speaks HTTP, a store only stores.
 
 The interface is deliberately small (the bazel-remote / attic shape): a backend answers
-``stat``, ``open``, ``put``, ``put_file``, ``delete`` and ``keys``. ``open`` returns one of three bodies so
+``stat``, ``open``, ``put``, ``put_file``, ``delete``, ``keys`` and ``entries``. ``open`` returns one of three bodies so
 the HTTP layer can pick the cheapest way to send bytes: a local file (sendfile), a URL
 (redirect) or an async byte stream.
 
@@ -152,6 +152,11 @@ class ObjectStore(Protocol):
     def keys(self, prefix: str = "") -> AsyncIterator[str]:
         """Every key under ``prefix`` (no temp files), in no particular order."""
 
+    def entries(self, prefix: str = "") -> AsyncIterator[tuple[str, Meta]]:
+        """Every key under ``prefix`` with its meta, as ``keys`` lists them (local: a stat per
+        file, off the event loop; S3: from the listing itself, no request per object). What
+        `sstate-proxy gc` reads the store with."""
+
     async def check(self) -> None:
         """Raise StoreUnavailable unless the backend answers now (for /readyz): one real round
         trip, never answered from a cache (local: the root directory; S3: HeadBucket)."""
@@ -176,7 +181,7 @@ def open_store(config, db: EquivalenceDB | None = None) -> ObjectStore:
     elif backend == "s3":
         from storage.s3 import S3Store
 
-        store = S3Store(config.storage.s3, confirm_misses=not config.storage.s3.only_writer)
+        store = S3Store(config.storage.s3, confirm_misses=not config.storage.s3.only_writer, removals=db)
     else:
         raise ValueError(f"unknown storage backend {backend!r}")
     if db is not None:

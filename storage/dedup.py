@@ -75,6 +75,10 @@ class DedupStore:
         """The keys with bytes of their own (aliases are rows of the database, not objects)."""
         return self.inner.keys(prefix)
 
+    def entries(self, prefix: str = "") -> AsyncIterator[tuple[str, Meta]]:
+        """The keys with bytes of their own and their meta (aliases are not listed)."""
+        return self.inner.entries(prefix)
+
     # --- writes ------------------------------------------------------------------------------
     async def _existing(self, key: str) -> PutResult | None:
         meta = await self.stat(key)

@@ -295,6 +295,17 @@ class LocalStore:
         Skips temp files, ``*.lock`` files, directories reached through symlinks (loops) and
         symlinks that leave the root.
         """
+        async for batch in self._key_batches(prefix, stat=False):
+            for k in batch:
+                yield k
+
+    async def entries(self, prefix: str = "") -> AsyncIterator[tuple[str, Meta]]:
+        """(key, meta) of every key ``keys`` lists; the stats run in the I/O pool too."""
+        async for batch in self._key_batches(prefix, stat=True):
+            for entry in batch:
+                yield entry
+
+    async def _key_batches(self, prefix: str, *, stat: bool) -> AsyncIterator[list]:
         if prefix:
             if "\x00" in prefix or "\\" in prefix or prefix.startswith("/"):
                 raise InvalidKey(f"bad prefix {prefix!r}")
@@ -305,13 +316,13 @@ class LocalStore:
         top = self._root_slash + reldir if reldir else self._root
         if reldir and not self._inside(os.path.realpath(top)):
             return
-        gen = self._walk(top, reldir + "/" if reldir else "", name_prefix)
+        gen = self._walk(top, reldir + "/" if reldir else "", name_prefix, stat)
         loop = asyncio.get_running_loop()
 
-        def take() -> list[str]:
-            out: list[str] = []
-            for k in gen:
-                out.append(k)
+        def take() -> list:
+            out: list = []
+            for item in gen:
+                out.append(item if not stat else (item[0], _meta(item[1])))
                 if len(out) >= 1000:
                     break
             return out
@@ -320,10 +331,11 @@ class LocalStore:
             batch = await loop.run_in_executor(self._pool, take)
             if not batch:
                 return
-            for k in batch:
-                yield k
+            yield batch
 
-    def _walk(self, top: str, reltop: str, name_prefix: str) -> Iterator[str]:
+    def _walk(self, top: str, reltop: str, name_prefix: str, with_stat: bool = False) -> Iterator[Any]:
+        """Keys below ``top``; with ``with_stat``, (key, stat of the file) pairs (the walk's own
+        lstat, or the target's stat for a symlink)."""
         stack = [(top, reltop, name_prefix)]
         while stack:
             d, rel, only = stack.pop()
@@ -342,12 +354,12 @@ class LocalStore:
                         if e.is_dir(follow_symlinks=False):
                             stack.append((e.path, rel + name + "/", ""))
                         elif e.is_file(follow_symlinks=False):
-                            yield rel + name
+                            yield (rel + name, e.stat(follow_symlinks=False)) if with_stat else rel + name
                         elif e.is_symlink():
                             real = os.path.realpath(e.path)
                             if self._inside(real) and os.path.isfile(real):
-                                yield rel + name
-                    except OSError:
+                                yield (rel + name, os.stat(real)) if with_stat else rel + name
+                    except OSError:  # gone since the directory was read, say
                         continue
 
     # --- writes --------------------------------------------------------------------------

@@ -26,9 +26,13 @@ Existence index (``index = true``)
     during a refresh the old and the new dict both live (twice that for a moment). The index
     cannot enumerate keys (``keys()`` always lists S3).
 
-Other writers: objects another process puts are found by the HEAD on a miss; objects another
-process deletes stay "present" in the index until the next refresh (``open`` then finds them
-gone, drops them and returns None).
+Other writers: objects another process puts are found by the HEAD on a miss. Objects another
+sstate-proxy process removes (`sstate-proxy gc`, a DELETE, an eviction) are dropped from the
+index through the database's removal log (``removals``, the service's EquivalenceDB): a task
+polls ``generation()`` every REMOVALS_POLL_S and, when it moved, reads the keys removed since
+its last position (``removals_since``), so the index forgets them within about REMOVALS_POLL_S
+of the removal's commit. Objects deleted behind the service's back (another S3 client) stay
+"present" until the next refresh (``open`` then finds them gone, drops them and returns None).
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import boto3
 from botocore.config import Config as BotoConfig
@@ -74,6 +78,9 @@ from storage import (
     file_chunks,
 )
 from storage.local import check_key
+
+if TYPE_CHECKING:
+    from storage.equivalence import EquivalenceDB
 
 
 @dataclass(frozen=True)
@@ -104,6 +111,8 @@ INFLIGHT_PARTS = 4  # parts uploaded concurrently per upload (memory: this x par
 INDEX_LOG_EVERY = 100_000
 NEG_CACHE_MAX = 100_000
 MIN_TRANSFER_RATE = 256 * 1024  # bytes/s assumed when sizing a data call's timeout
+# How often the index checks the database's removal log (when generation() moved).
+REMOVALS_POLL_S = 0.5
 
 _HDR = struct.Struct("<QI")
 _MD5_RE = re.compile(r"[0-9a-f]{32}")
@@ -190,7 +199,10 @@ class S3Store:
         confirm_misses: bool = True,
         part_size: int = PART,
         client: Any = None,
+        removals: EquivalenceDB | None = None,
     ) -> None:
+        """``removals``: the database whose removal log the index follows (see the module
+        docstring); None: only this process's own deletes are seen at once."""
         if not cfg.bucket:
             raise ValueError("S3 store needs a bucket")
         self._cfg = cfg
@@ -239,6 +251,8 @@ class S3Store:
         self._locks: dict[str, list[Any]] = {}  # key -> [Lock, users]
         self._aborts: set[concurrent.futures.Future[None]] = set()
         self._closed = False
+        self._removals = removals
+        self._removals_task: asyncio.Task[None] | None = None
 
     # --- plumbing ------------------------------------------------------------------------
 
@@ -321,7 +335,47 @@ class S3Store:
 
     async def start(self, *, housekeeping: bool = True) -> None:
         if self._use_index and self._index_task is None:
+            if self._removals is not None:
+                # The log position is taken before the first listing starts: whatever is removed
+                # after it is either absent from the listing or read from the log.
+                seq = None
+                try:
+                    seq, _ = await self._removals.removals_since(None)
+                except Exception as e:  # the follower retries; the database may come back later
+                    log.warning("S3 index: cannot read the removal log yet (%s)", e)
+                self._removals_task = asyncio.create_task(self._follow_removals(seq), name="s3store-removals")
             self._index_task = asyncio.create_task(self._index_loop(), name="s3store-index")
+
+    async def _follow_removals(self, seq: int | None) -> None:
+        """Drop from the index the keys other processes removed (the removal log)."""
+        from storage.equivalence import REMOVALS_BATCH
+
+        db = self._removals
+        assert db is not None
+        seen_gen: int | None = None
+        failing = False
+        while True:
+            try:
+                if seq is None:
+                    seq, _ = await db.removals_since(None)
+                gen = await db.generation()
+                if gen != seen_gen:
+                    seen_gen = gen
+                    while True:
+                        seq, keys = await db.removals_since(seq)
+                        for key in keys:
+                            self._forget(key)
+                        if len(keys) < REMOVALS_BATCH:
+                            break
+                failing = False
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                seen_gen = None  # ask again next time
+                if not failing:
+                    log.warning("S3 index: reading the removal log failed (%s); retrying", e)
+                failing = True
+            await asyncio.sleep(REMOVALS_POLL_S)
 
     async def _index_loop(self) -> None:
         failures = 0
@@ -511,6 +565,11 @@ class S3Store:
                 self._pool.submit(body.close)
 
     async def keys(self, prefix: str = "") -> AsyncIterator[str]:
+        async for key, _meta in self.entries(prefix):
+            yield key
+
+    async def entries(self, prefix: str = "") -> AsyncIterator[tuple[str, Meta]]:
+        """(key, meta) from the listing itself: no request per object."""
         paginator = self._s3.get_paginator("list_objects_v2")
         pages = iter(paginator.paginate(Bucket=self._bucket, Prefix=self._kp + prefix,
                                         PaginationConfig={"PageSize": self.list_page_size}))
@@ -520,7 +579,7 @@ class S3Store:
             if page is None:
                 return
             for obj in page.get("Contents", ()):
-                yield obj["Key"][n:]
+                yield obj["Key"][n:], Meta(int(obj["Size"]), _ts(obj.get("LastModified")), _etag(obj.get("ETag")))
 
     # --- writes --------------------------------------------------------------------------
 
@@ -754,6 +813,10 @@ class S3Store:
         if self._closed:
             return
         self._closed = True
+        if self._removals_task is not None:
+            self._removals_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._removals_task
         if self._index_task is not None:
             self._index_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

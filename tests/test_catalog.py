@@ -176,3 +176,22 @@ async def test_read_only_open(engine: Engine):
             await ro.close()
     finally:
         await w.close()
+
+
+async def test_exclusive(engine: Engine):
+    a, b = engine.open(), engine.open()
+    try:
+        async with a.exclusive("gc") as held:
+            assert held
+            async with b.exclusive("gc") as other:
+                assert not other  # taken without waiting
+            async with b.exclusive("other") as other:
+                assert other  # another name
+        async with b.exclusive("gc") as held:
+            assert held  # released
+        with pytest.raises(ValueError):
+            async with a.exclusive("../x"):
+                pass
+    finally:
+        await a.close()
+        await b.close()

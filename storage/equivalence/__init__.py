@@ -13,6 +13,7 @@ parts. Writes are answered after their commit.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -270,6 +271,13 @@ class EquivalenceDB(Protocol):
     async def prune_traffic(self, before: int) -> int:
         """Delete the buckets older than ``before``; the number of rows deleted."""
 
+
+    def exclusive(self, name: str) -> contextlib.AbstractAsyncContextManager[bool]:
+        """``async with db.exclusive("gc") as held:``: a lock named ``name`` shared by every
+        process on this database (workers, replicas, the CLI), taken without waiting: ``held`` is
+        False when another holder has it. Released on exit, or when the holder dies. SQLite: an
+        flock on a file beside the database; PostgreSQL: a session advisory lock on a connection
+        of its own."""
 
 # At most this many keys per removals_since answer (the reader asks again for the rest).
 REMOVALS_BATCH = 10000

@@ -725,9 +725,9 @@ class PostgresEquivalenceDB:
             "DELETE FROM users WHERE username = $1", username), write=True)) > 0
 
     # --- archive identity (storage dedup) -------------------------------------------------------
-    async def _archives_read(self, fn: Callable[[asyncpg.Connection], Awaitable[T]], empty: T) -> T:
-        """A read of sstate_proxy_archives; ``empty`` on a read-only open of a database this
-        service never wrote (no such table)."""
+    async def _own_read(self, fn: Callable[[asyncpg.Connection], Awaitable[T]], empty: T) -> T:
+        """A read of one of sstate-proxy's own tables (dedup, catalog); ``empty`` on a read-only
+        open of a database this service never migrated (no such table)."""
         try:
             return await self._run(fn)
         except asyncpg.UndefinedTableError:
@@ -756,11 +756,11 @@ class PostgresEquivalenceDB:
         return canonical
 
     async def archive_alias(self, key: str) -> str | None:
-        return await self._archives_read(lambda c: c.fetchval(
+        return await self._own_read(lambda c: c.fetchval(
             "SELECT canonical FROM sstate_proxy_archives WHERE key = $1 AND canonical != key", key), None)
 
     async def archive_aliases(self, canonical: str) -> list[str]:
-        rows = await self._archives_read(lambda c: c.fetch(
+        rows = await self._own_read(lambda c: c.fetch(
             "SELECT key FROM sstate_proxy_archives WHERE canonical = $1 AND key != canonical "
             "ORDER BY created, key", canonical), [])
         return [r[0] for r in rows]
@@ -780,7 +780,7 @@ class PostgresEquivalenceDB:
         return n
 
     async def dedup_stats(self) -> dict[str, int]:
-        r = await self._archives_read(lambda c: c.fetchrow(
+        r = await self._own_read(lambda c: c.fetchrow(
             "SELECT COUNT(*), COUNT(*) FILTER (WHERE canonical = key), "
             "COALESCE(SUM(size) FILTER (WHERE canonical != key), 0) FROM sstate_proxy_archives"), None)
         if r is None:
@@ -789,14 +789,6 @@ class PostgresEquivalenceDB:
 
     # --- the object catalog (retention) ----------------------------------------------------------
     # No trigger on sstate_proxy_objects: its writes never move generation() (migration 3).
-    async def _catalog_read(self, fn: Callable[[asyncpg.Connection], Awaitable[T]], empty: T) -> T:
-        """A read of the catalog; ``empty`` on a read-only open of a database never migrated."""
-        try:
-            return await self._run(fn)
-        except asyncpg.UndefinedTableError:
-            if self.read_only:
-                return empty
-            raise
 
     async def touch_objects(self, accessed: Mapping[str, float]) -> None:
         if not accessed:
@@ -823,7 +815,7 @@ class PostgresEquivalenceDB:
         args: tuple[Any, ...] = ()
         if origin is not None:
             sql, args = sql + " WHERE origin = $1", (check_origin(origin),)
-        r = await self._catalog_read(lambda c: c.fetchrow(sql, *args, timeout=BULK_TIMEOUT_S), None)
+        r = await self._own_read(lambda c: c.fetchrow(sql, *args, timeout=BULK_TIMEOUT_S), None)
         return (0, 0) if r is None else (int(r[0]), int(r[1]))
 
     async def lru_objects(self, origin: str | None, limit: int) -> list[ObjectRow]:
@@ -834,7 +826,7 @@ class PostgresEquivalenceDB:
             sql, args = f"{select} ORDER BY last_access LIMIT $1", (limit,)
         else:
             sql, args = f"{select} WHERE origin = $1 ORDER BY last_access LIMIT $2", (check_origin(origin), limit)
-        rows = await self._catalog_read(lambda c: c.fetch(sql, *args, timeout=BULK_TIMEOUT_S), [])
+        rows = await self._own_read(lambda c: c.fetch(sql, *args, timeout=BULK_TIMEOUT_S), [])
         return [ObjectRow(r[0], int(r[1]), r[2], float(r[3])) for r in rows]
 
     async def iter_objects(self, batch: int = 5000) -> AsyncIterator[list[ObjectRow]]:
@@ -884,10 +876,10 @@ class PostgresEquivalenceDB:
 
     async def removals_since(self, after: int | None) -> tuple[int, list[str]]:
         if after is None:
-            seq = await self._catalog_read(
+            seq = await self._own_read(
                 lambda c: c.fetchval("SELECT COALESCE(MAX(seq), 0) FROM sstate_proxy_removals"), 0)
             return int(seq), []
-        rows = await self._catalog_read(lambda c: c.fetch(
+        rows = await self._own_read(lambda c: c.fetch(
             "SELECT seq, key FROM sstate_proxy_removals WHERE seq > $1 ORDER BY seq LIMIT $2",
             after, REMOVALS_BATCH), [])
         return (int(rows[-1][0]) if rows else after), [r[1] for r in rows]
@@ -938,6 +930,28 @@ class PostgresEquivalenceDB:
     async def prune_traffic(self, before: int) -> int:
         return _count(await self._run(lambda c: c.execute(
             "DELETE FROM sstate_proxy_traffic WHERE bucket < $1", before), write=True))
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self, name: str) -> AsyncIterator[bool]:
+        """A session advisory lock on ``hashtextextended(name)``, held on a connection of its
+        own (not a pooled one) for the whole block; PostgreSQL drops it if that session ends."""
+        if not name.isidentifier():
+            raise ValueError(f"bad lock name {name!r}")
+        try:
+            conn = await asyncpg.connect(self.dsn, timeout=CONNECT_TIMEOUT_S)
+        except Exception as exc:
+            if _is_unavailable(exc):
+                raise _unavailable(exc) from exc
+            raise
+        try:
+            held = await conn.fetchval("SELECT pg_try_advisory_lock(hashtextextended($1, 7))",
+                                       "sstate-proxy:" + name)
+            yield bool(held)
+        finally:
+            try:  # the lock ends with the session
+                await asyncio.wait_for(conn.close(), CONNECT_TIMEOUT_S)
+            except Exception:
+                conn.terminate()
 
     # --- bulk copy (`sstate-proxy db copy`) ----------------------------------------------------
     async def iter_rows(self, table: str, batch: int = 2000) -> AsyncIterator[list[Row]]:

@@ -52,7 +52,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import fcntl
 import logging
+import os
 import queue
 import sqlite3
 import threading
@@ -912,6 +915,23 @@ class SqliteEquivalenceDB:
     async def prune_traffic(self, before: int) -> int:
         return await self._write(lambda c: c.execute(
             "DELETE FROM sstate_proxy_traffic WHERE bucket < ?", (before,)).rowcount)
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self, name: str) -> AsyncIterator[bool]:
+        """An flock on ``<database>-<name>.lock`` (one host shares a SQLite file); the kernel
+        drops it when the holder dies."""
+        if not name.isidentifier():
+            raise ValueError(f"bad lock name {name!r}")
+        fd = os.open(f"{self.path}-{name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            yield True
+        finally:
+            os.close(fd)  # closing releases the lock
 
     # --- bulk copy (`sstate-proxy db copy`) ----------------------------------------------------
     async def iter_rows(self, table: str, batch: int = 2000) -> AsyncIterator[list[Row]]:
