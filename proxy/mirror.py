@@ -234,7 +234,8 @@ class Mirror:
             res = await self._upstream_resolution(method, h, key, name)
         if res is None:
             return None, {}, 404, 0, 0
-        self.access.touch(res.key)
+        if not res.pending:  # a pull records its object (and its time) itself once stored
+            self.access.touch(res.key)
         headers = {SOURCE_HEADER: res.source}
         if res.source == "equivalent" or (res.source == "upstream" and name is not None
                                           and res.served_hash != name.hash):
