@@ -726,7 +726,7 @@ class PostgresEquivalenceDB:
 
     # --- archive identity (storage dedup) -------------------------------------------------------
     async def _own_read(self, fn: Callable[[asyncpg.Connection], Awaitable[T]], empty: T) -> T:
-        """A read of one of sstate-proxy's own tables (dedup, catalog); ``empty`` on a read-only
+        """A read of one of sstate-proxy's own tables (dedup, catalog, traffic); ``empty`` on a read-only
         open of a database this service never migrated (no such table)."""
         try:
             return await self._run(fn)
@@ -906,26 +906,17 @@ class PostgresEquivalenceDB:
             [r.requests for r in rows], [r.bytes for r in rows]), write=True)
 
     async def traffic_series(self, since: int) -> list[TrafficRow]:
-        rows = await self._traffic_read(lambda c: c.fetch(
+        rows = await self._own_read(lambda c: c.fetch(
             "SELECT bucket, source, SUM(requests), SUM(bytes) FROM sstate_proxy_traffic "
-            "WHERE bucket >= $1 GROUP BY bucket, source ORDER BY bucket, source", since))
+            "WHERE bucket >= $1 GROUP BY bucket, source ORDER BY bucket, source", since), [])
         return [TrafficRow(int(r[0]), r[1], "", int(r[2]), int(r[3])) for r in rows]
 
     async def top_missed_recipes(self, since: int, limit: int) -> list[tuple[str, int]]:
-        rows = await self._traffic_read(lambda c: c.fetch(
+        rows = await self._own_read(lambda c: c.fetch(
             "SELECT recipe, SUM(requests) AS n FROM sstate_proxy_traffic "
             "WHERE source = 'miss' AND recipe != '' AND bucket >= $1 "
-            "GROUP BY recipe ORDER BY n DESC, recipe COLLATE \"C\" LIMIT $2", since, limit))
+            "GROUP BY recipe ORDER BY n DESC, recipe COLLATE \"C\" LIMIT $2", since, limit), [])
         return [(r[0], int(r[1])) for r in rows]
-
-    async def _traffic_read(self, fn: Callable[[asyncpg.Connection], Awaitable[list]]) -> list:
-        """A read of the traffic table; [] on a read-only open of a database that never had it."""
-        try:
-            return await self._run(fn)
-        except asyncpg.UndefinedTableError:
-            if self.read_only:
-                return []
-            raise
 
     async def prune_traffic(self, before: int) -> int:
         return _count(await self._run(lambda c: c.execute(

@@ -792,10 +792,14 @@ class SqliteEquivalenceDB:
         return {"objects": r[0], "unique": r[1], "bytes_saved": r[2]}
 
     # --- the object catalog (retention) ----------------------------------------------------------
-    def _has_catalog(self) -> bool:
-        """False only for a read-only open of a file this service never migrated (no tables)."""
+    def _has_table(self, name: str) -> bool:
+        """False only for a read-only open of a file this service never migrated (no table
+        ``name`` of its own): its reads then answer "nothing" rather than fail."""
         return self._writer is not None or self._one(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'sstate_proxy_objects'") is not None
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)) is not None
+
+    def _has_catalog(self) -> bool:
+        return self._has_table("sstate_proxy_objects")
 
     async def touch_objects(self, accessed: Mapping[str, float]) -> None:
         if not accessed:
@@ -900,17 +904,10 @@ class SqliteEquivalenceDB:
         return await self._traffic_read(read)
 
     async def _traffic_read(self, fn: Callable[[sqlite3.Connection], list[T]]) -> list[T]:
-        """A read of the traffic table, in a thread (it scans a range); [] on a read-only open
-        of a database that never had it."""
-        def guarded(c: sqlite3.Connection) -> list[T]:
-            try:
-                return fn(c)
-            except sqlite3.OperationalError as exc:
-                if self.read_only and "no such table" in str(exc):
-                    return []
-                raise
-
-        return await self._heavy_read(guarded)
+        """A read of the traffic table, in a thread (it scans a range)."""
+        if not self._has_table("sstate_proxy_traffic"):
+            return []
+        return await self._heavy_read(fn)
 
     async def prune_traffic(self, before: int) -> int:
         return await self._write(lambda c: c.execute(
