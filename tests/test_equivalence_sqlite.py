@@ -180,6 +180,23 @@ async def test_missing_file_read_only(path: str):
         SqliteEquivalenceDB(path + ".missing", read_only=True)
 
 
+async def test_read_only_open_of_a_never_migrated_file_reads_nothing_of_its_own(path: str):
+    """A read-only open (e.g. of bitbake-hashserv's own file) has none of sstate-proxy's tables:
+    catalog and traffic reads answer "nothing" instead of failing."""
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE unrelated (a)")
+    conn.commit()
+    conn.close()
+    db = SqliteEquivalenceDB(path, read_only=True)
+    try:
+        assert await db.traffic_series(0) == []
+        assert await db.top_missed_recipes(0, 5) == []
+        assert await db.object_usage() == (0, 0)
+        assert await db.lru_objects(None, 5) == []
+    finally:
+        await db.close()
+
+
 async def test_generation_sees_a_foreign_writer(db: SqliteEquivalenceDB, path: str):
     """A raw writer on the file (e.g. bitbake-hashserv) moves the generation."""
     g = await db.generation()
