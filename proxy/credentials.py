@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import netrc
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -30,10 +31,38 @@ class Credentials:
 
     def authorization(self) -> str:
         """The ``Authorization`` header's value (HTTP Basic, UTF-8)."""
-        return "Basic " + base64.b64encode(f"{self.username}:{self.token}".encode()).decode()
+        return basic_authorization(self.username, self.token)
 
     def __repr__(self) -> str:  # never show the token in a traceback or a log
         return f"Credentials(username={self.username!r}, origin={self.origin!r})"
+
+
+def basic_authorization(username: str, password: str) -> str:
+    """An ``Authorization`` header value for HTTP Basic (UTF-8; aiohttp's BasicAuth is deprecated)."""
+    return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
+
+
+def netrc_entry(host: str, env: Mapping[str, str] | None = None, *,
+                check_permissions: bool = True) -> tuple[str, str, str] | None:
+    """(login, password, file) of ``host`` in the netrc file (``NETRC`` names another one than
+    ``~/.netrc``), or None without a file or an entry; CredentialsError when it cannot be read.
+    With ``check_permissions``, a ``~/.netrc`` others may read is refused (Python's netrc check)."""
+    env = os.environ if env is None else env
+    named = env.get("NETRC")
+    path = named or os.path.join(os.path.expanduser("~"), ".netrc")
+    if not os.path.exists(path):
+        return None
+    try:
+        # netrc.netrc(None) reads ~/.netrc and refuses it when others may read it (a token inside)
+        entry = netrc.netrc(None if check_permissions and not named else path).authenticators(host)
+    except netrc.NetrcParseError as e:
+        raise CredentialsError(f"cannot read {path}: {e}") from None
+    except OSError as e:
+        raise CredentialsError(f"cannot read {path}: {e.strerror}") from None
+    if entry is None:
+        return None
+    login, _account, password = entry
+    return login or "", password or "", path
 
 
 def check_url(url: str) -> str:
@@ -59,20 +88,11 @@ def find_credentials(url: str, env: dict[str, str] | None = None) -> Credentials
             missing = TOKEN_ENV if user else USER_ENV
             raise CredentialsError(f"{USER_ENV} and {TOKEN_ENV} go together; {missing} is not set")
         return Credentials(user, token, USER_ENV)
-    named = env.get("NETRC")
-    path = named or os.path.join(os.path.expanduser("~"), ".netrc")
-    if not os.path.exists(path):
-        return None
-    try:
-        # netrc.netrc(None) reads ~/.netrc and refuses it when others may read it (a token inside)
-        entry = netrc.netrc(named or None).authenticators(urlsplit(url).hostname or "")
-    except netrc.NetrcParseError as e:
-        raise CredentialsError(f"cannot read {path}: {e}") from None
-    except OSError as e:
-        raise CredentialsError(f"cannot read {path}: {e.strerror}") from None
+    host = urlsplit(url).hostname or ""
+    entry = netrc_entry(host, env)
     if entry is None:
         return None
-    login, _account, password = entry
+    login, password, path = entry
     if not login or not password:
-        raise CredentialsError(f"{path}: the entry for {urlsplit(url).hostname} needs login and password")
+        raise CredentialsError(f"{path}: the entry for {host} needs login and password")
     return Credentials(login, password, path)

@@ -28,7 +28,6 @@ import contextlib
 import fcntl
 import hashlib
 import logging
-import netrc
 import os
 import stat
 import tempfile
@@ -43,6 +42,7 @@ import aiohttp
 from yarl import URL
 
 from proxy.config import Config, UpstreamConfig
+from proxy.credentials import CredentialsError, netrc_entry
 from proxy.metrics import Metrics
 from storage import DigestMismatch, ObjectStore, PutResult
 from storage.cache import PulledCache
@@ -78,18 +78,16 @@ class UpstreamMirror:
 
 
 def _netrc_auth(host: str) -> aiohttp.BasicAuth | None:
-    path = os.environ.get("NETRC") or os.path.join(os.path.expanduser("~"), ".netrc")
-    if not os.path.isfile(path):
-        return None
+    """Credentials for ``host`` from ``~/.netrc`` (or ``$NETRC``), read as wget and curl read it
+    (no permission check); an unreadable file is logged and means no credentials. Passed as
+    ``auth``, not as a header: with ``trust_env`` aiohttp would otherwise look in netrc itself
+    and refuse a request that has both."""
     try:
-        entry = netrc.netrc(path).authenticators(host)
-    except (OSError, netrc.NetrcParseError) as e:
-        log.warning("cannot read %s: %s", path, e)
+        entry = netrc_entry(host, check_permissions=False)
+    except CredentialsError as e:
+        log.warning("%s", e)
         return None
-    if entry is None:
-        return None
-    login, _account, password = entry
-    return aiohttp.BasicAuth(login or "", password or "")
+    return None if entry is None else aiohttp.BasicAuth(entry[0], entry[1])
 
 
 def parse_mirror(text: str) -> UpstreamMirror:
