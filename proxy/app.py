@@ -196,7 +196,7 @@ async def _startup(app: web.Application) -> None:
     if cfg.hashserv.upstream and not cfg.hashserv.read_only:
         upstream = UpstreamHashserv(cfg.hashserv.upstream)
     reporter = Reporter(db, auth, read_only=cfg.hashserv.read_only, upstream=upstream,
-                        on_change=resolver.invalidate)
+                        on_change=resolver.changed)
     hashserv = HashservService(db, auth, cfg, reporter, metrics)
     if not options["skip_listeners"]:
         await hashserv.start(sock=options["hashserv_sock"])

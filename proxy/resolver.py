@@ -3,9 +3,16 @@
 A request for hash H that is not stored is answered with the object of an equivalent hash
 (the unihash of H, then the other members of H's class, newest first). The answer is cached:
 positive answers until the equivalence database changes (any process: ``db.generation()`` is
-polled at most every ``GENERATION_POLL_S``; writes in this process call ``invalidate()`` at
-once), negative answers for ``negative_ttl_s`` at most. HEAD and GET share this cache, so they
-give the same answer for one path.
+polled at most every ``GENERATION_POLL_S``; writes in this process call ``changed()``,
+``stored()`` or ``invalidate()`` at once), negative answers for ``negative_ttl_s`` at most.
+HEAD and GET share this cache, so they give the same answer for one path.
+
+Most misses of a fleet are of hashes the database has never heard of (nobody built that task
+yet). Their class can only change by a mapping that names the hash, so such misses are kept
+across database changes: on each change the new mappings are read (``db.mappings_since``) and
+only the misses of the hashes they name are dropped. Under a steady stream of reports this keeps
+bitbake's second HEAD of a miss (it asks twice) from repeating the look-ups. Misses of hashes
+with a class are dropped on every change, as the positive answers are.
 """
 
 from __future__ import annotations
@@ -54,8 +61,11 @@ class Resolver:
         self.max_entries = cfg.cache_entries
         # requested key -> (served key, served hash, source), valid until the generation changes
         self._positive: OrderedDict[str, tuple[str, str, str]] = OrderedDict()
-        # requested key -> monotonic expiry
+        # requested key -> monotonic expiry: misses of hashes with a class
         self._negative: OrderedDict[str, float] = OrderedDict()
+        # hash -> {requested key: monotonic expiry}: misses of hashes the database does not know
+        self._unknown: OrderedDict[str, dict[str, float]] = OrderedDict()
+        self._feed: int | None = None  # db.mappings_since position (None: not read yet)
         self._generation: int | None = None
         self._next_poll = 0.0
         # The upstream hashserv (Reporter.get, which stores what it learns), when the upstream
@@ -74,15 +84,33 @@ class Resolver:
         self._upstream_ttl = negative_ttl_s
 
     def invalidate(self) -> None:
-        """Forget every cached answer (called after a write in this process)."""
+        """Forget every cached answer (called after a removal in this process)."""
         self._positive.clear()
         self._negative.clear()
+        self._unknown.clear()
+        self._next_poll = 0.0
+
+    def changed(self) -> None:
+        """This process committed a change to the equivalence data (a report, a removal): the
+        next request looks at the database at once (its generation has moved, and the new
+        mappings name the cached misses they touch)."""
+        self._next_poll = 0.0
+
+    def stored(self, key: str, name: SstateName | None) -> None:
+        """An object was just stored under ``key`` in this process: forget the answers it can
+        change (the positive ones and the misses of hashes with a class, since its hash may be
+        in their class; of the unknown hashes' misses, only its own hash's)."""
+        self._positive.clear()
+        self._negative.clear()
+        if name is not None:
+            self._unknown.pop(name.hash, None)
         self._next_poll = 0.0
 
     def forget_misses(self) -> None:
         """Forget the cached misses only (an object was pulled into the store: the positive
         answers stay valid)."""
         self._negative.clear()
+        self._unknown.clear()
 
     async def _check_generation(self) -> None:
         now = time.monotonic()
@@ -90,45 +118,89 @@ class Resolver:
             return
         self._next_poll = now + GENERATION_POLL_S
         gen = await self.db.generation()
-        if gen != self._generation:
-            self._generation = gen
-            self._positive.clear()
-            self._negative.clear()
+        if gen == self._generation:
+            return
+        self._generation = gen
+        self._positive.clear()
+        self._negative.clear()
+        start = self._feed
+        try:
+            self._feed, named = await self.db.mappings_since(start)
+        except Exception:  # cannot tell what changed: forget it all (the answer is still right)
+            self._feed, named = None, None
+        if named is None or start is None:  # overflow, failure, or no position to compare with
+            self._unknown.clear()
+            return
+        for h in named:
+            self._unknown.pop(h, None)
+
+    def _known_miss(self, key: str, hash_: str) -> bool:
+        """``key`` missed within the negative TTL and nothing since can have changed that."""
+        expiry = self._negative.get(key)
+        if expiry is None:
+            keys = self._unknown.get(hash_)
+            expiry = None if keys is None else keys.get(key)
+            if expiry is None:
+                return False
+            if expiry > time.monotonic():
+                return True
+            del keys[key]
+            if not keys:
+                del self._unknown[hash_]
+            return False
+        if expiry > time.monotonic():
+            return True
+        del self._negative[key]
+        return False
+
+    def _remember_miss(self, key: str, hash_: str, known: bool) -> None:
+        expiry = time.monotonic() + self.negative_ttl
+        if known:
+            self._remember(self._negative, key, expiry)
+            return
+        keys = self._unknown.get(hash_)
+        if keys is None:
+            self._remember(self._unknown, hash_, {key: expiry})
+        else:
+            keys[key] = expiry
 
     async def resolve(self, key: str, name: SstateName | None) -> Resolution | None:
         """The object to serve for ``key``, or None (a miss)."""
-        if name is not None and self._positive:
-            # A known rewrite first: it saves the failing stat of ``key`` on every HEAD of a
-            # rewritten path. If ``key`` itself is stored later, the equivalent object stays a
-            # valid answer until the cache is dropped (an upload here drops it at once).
+        if name is not None:
             await self._check_generation()
-            cached = self._positive.get(key)
-            if cached is not None:
-                served_key, served_hash, source = cached
-                meta = await self.store.stat(served_key)
-                if meta is not None:
-                    return Resolution(served_key, meta, served_hash, source)
-                del self._positive[key]
+            if self._positive:
+                # A known rewrite first: it saves the failing stat of ``key`` on every HEAD of
+                # a rewritten path. If ``key`` itself is stored later, the equivalent object
+                # stays a valid answer until the cache is dropped (an upload here drops it).
+                cached = self._positive.get(key)
+                if cached is not None:
+                    served_key, served_hash, source = cached
+                    meta = await self.store.stat(served_key)
+                    if meta is not None:
+                        return Resolution(served_key, meta, served_hash, source)
+                    del self._positive[key]
+            # A recent miss before the stat: bitbake asks every miss twice in a row. An object
+            # stored under ``key`` by another process is seen when the miss expires.
+            if self._known_miss(key, name.hash):
+                return None
         meta = await self.store.stat(key)
         if meta is not None:
             return Resolution(key, meta, name.hash if name else "", "hit")
         if name is None:
             return None
-        await self._check_generation()
-        expiry = self._negative.get(key)
-        if expiry is not None:
-            if expiry > time.monotonic():
-                return None
-            del self._negative[key]
-        found = await self._search(name) if self.limit > 0 else None
+        candidates = await self.db.class_of(name.hash, self.methods, self.limit) if self.limit > 0 else []
+        found = await self._search(name, candidates)
         if found is None:
-            self._remember(self._negative, key, time.monotonic() + self.negative_ttl)
+            self._remember_miss(key, name.hash, known=bool(candidates))
             return None
         self._remember(self._positive, key, (found.key, found.served_hash, found.source))
         return found
 
-    async def _search(self, name: SstateName) -> Resolution | None:
-        candidates = await self.db.class_of(name.hash, self.methods, self.limit)
+    async def _search(self, name: SstateName, candidates: list[str] | None = None) -> Resolution | None:
+        """The first stored object of ``name``'s class (``candidates``: the class, when the
+        caller has read it)."""
+        if candidates is None:
+            candidates = await self.db.class_of(name.hash, self.methods, self.limit)
         if not candidates:
             return None
         if name.companion:
@@ -167,6 +239,7 @@ class Resolver:
             found = await self._search(name)
             if found is not None:
                 self._negative.pop(key, None)
+                self._unknown.pop(name.hash, None)
                 self._remember(self._positive, key, (found.key, found.served_hash, found.source))
                 return found, []
         hashes = [name.hash]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from storage.equivalence import DatabaseUnavailable, EquivalenceDB, User, open_equivalence_db
+from storage.equivalence import MAPPINGS_BATCH, DatabaseUnavailable, EquivalenceDB, User, open_equivalence_db
 
 M = "TestMethod"
 M2 = "OtherMethod"
@@ -361,6 +361,36 @@ async def test_generation_two_instances(engine: Engine):
     finally:
         await a.close()
         await b.close()
+
+
+async def test_mappings_since_names_new_mappings_in_order(engine: Engine):
+    a = engine.open()
+    b = engine.open()
+    try:
+        start, nothing = await b.mappings_since(None)
+        assert nothing == []
+        assert await b.mappings_since(start) == (start, [])
+        await a.insert_unihash(M, h("t1"), h("u1"))
+        await a.insert_unihash(M, h("t2"), h("u1"))
+        await a.insert_unihash(M, h("t1"), h("other"))  # ignored: nothing new to name
+        pos, named = await b.mappings_since(start)
+        assert named == [h("t1"), h("u1"), h("t2"), h("u1")]
+        assert pos > start and await b.mappings_since(pos) == (pos, [])
+        await a.insert_report({"method": M, "taskhash": h("t3"), "outhash": h("o3"), "unihash": h("u3")}, h("u3"))
+        pos2, named = await b.mappings_since(pos)
+        assert named == [h("t3"), h("u3")] and pos2 > pos
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_mappings_since_overflow_says_so(db: EquivalenceDB):
+    start, _ = await db.mappings_since(None)
+    rows = [{"method": M, "taskhash": h(f"t{i}"), "unihash": h("u"), "gc_mark": ""} for i in range(MAPPINGS_BATCH + 1)]
+    assert await db.copy_in("unihashes_v3", rows) == MAPPINGS_BATCH + 1
+    pos, named = await db.mappings_since(start)
+    assert named is None  # too many to list: the caller forgets everything instead
+    assert await db.mappings_since(pos) == (pos, [])
 
 
 async def test_read_only(engine: Engine):

@@ -216,3 +216,74 @@ def test_a_report_through_one_worker_reaches_every_worker_within_a_second(servic
     time.sleep(1.0)
     statuses = [call(svc, "HEAD", path)[0].status for _ in range(30)]
     assert statuses == [200] * 30
+
+
+def _key(hash_: str) -> str:
+    return f"{hash_[:2]}/{hash_[2:4]}/sstate:zlib:core2-64-poky-linux:1.3.1:r0:core2-64:14:{hash_}_populate_sysroot.tar.zst"
+
+
+def _head_status(svc, key: str) -> int:
+    return call(svc, "HEAD", "/" + quote(key))[0].status
+
+
+def _wait_status(svc, key: str, status: int, within_s: float) -> bool:
+    deadline = time.monotonic() + within_s
+    while True:
+        if _head_status(svc, key) == status:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+
+
+def test_cached_misses_of_unknown_hashes_outlive_reports_that_do_not_name_them(service_factory):
+    # bitbake HEADs every miss twice, while reports keep changing the database: a miss of a hash
+    # the database does not know is kept across changes that do not name it (only a new mapping
+    # of that hash can change its answer), and dropped at once by one that does.
+    svc = service_factory(args=["--anon-perms", "@read,@report"],
+                          config={"equivalence": {"negative_ttl_s": 5.0}}).start()
+    unknown, stored_u = h(1, "n"), h(2, "n")
+    assert _head_status(svc, _key(unknown)) == 404
+    # The bytes appear behind the resolver's back (another process's store write): the cached
+    # miss still answers, even though the database changes meanwhile.
+    for path in (_key(unknown), _key(stored_u)):
+        target = svc.storage / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(b"object " + path.encode())
+    for i in range(3):
+        report(svc, h(10 + i, "t"), h(10 + i, "o"), h(10 + i, "t"))
+    time.sleep(0.5)  # past the generation poll
+    assert _head_status(svc, _key(unknown)) == 404
+    # A report naming the hash drops its miss within the poll interval.
+    report(svc, stored_u, h(20, "o"), stored_u)
+    report(svc, unknown, h(20, "o"), unknown)
+    assert _wait_status(svc, _key(unknown), 200, within_s=1.0)
+
+
+def test_cached_misses_of_hashes_with_a_class_go_with_any_change(service_factory):
+    svc = service_factory(args=["--anon-perms", "@read,@report"],
+                          config={"equivalence": {"negative_ttl_s": 5.0}}).start()
+    t, u, other_t = h(1, "k"), h(2, "k"), h(3, "k")
+    report(svc, u, h(1, "p"), u)
+    report(svc, t, h(1, "p"), t)  # t -> u; neither object stored: a miss with a class
+    assert _head_status(svc, _key(t)) == 404
+    # u's object appears behind the resolver's back, then an unrelated report changes the
+    # database: the miss of t (whose class is {u}) is looked up again and rewritten.
+    target = svc.storage / _key(u)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(b"u's object")
+    report(svc, other_t, h(3, "p"), other_t)
+    assert _wait_status(svc, _key(t), 200, within_s=1.0)
+    resp, _ = call(svc, "HEAD", "/" + quote(_key(t)))
+    assert resp.headers["X-Sstate-Source"] == "equivalent"
+
+
+def test_a_miss_is_kept_for_the_negative_ttl_only(service_factory):
+    svc = service_factory(config={"equivalence": {"negative_ttl_s": 0.5}}).start()
+    key = _key(h(7, "m"))
+    assert _head_status(svc, key) == 404
+    target = svc.storage / key
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(b"late object")
+    assert _head_status(svc, key) == 404  # the cached miss
+    assert _wait_status(svc, key, 200, within_s=1.5)

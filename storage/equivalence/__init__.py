@@ -125,6 +125,14 @@ class EquivalenceDB(Protocol):
         one indexed row) because every worker polls it a few times a second.
         """
 
+    async def mappings_since(self, after: int | None) -> tuple[int, list[str] | None]:
+        """The hashes (taskhash and unihash) of the mappings added after position ``after``
+        (``unihashes_v3.id``) and the position to ask from next time: what lets the rewrite keep
+        its cached misses of unknown hashes across changes that do not name them. ``after=None``:
+        the current position and []. ``None`` instead of the list: more than MAPPINGS_BATCH
+        mappings came (the caller forgets what the list would have named).
+        """
+
     # --- writes: each returns after its commit; DatabaseUnavailable when the database cannot
     # take it now; PermissionError on a database opened read-only ---------------------------
     async def insert_outhash(self, row: Row) -> bool:
@@ -279,11 +287,27 @@ class EquivalenceDB(Protocol):
         flock on a file beside the database; PostgreSQL: a session advisory lock on a connection
         of its own."""
 
+# At most this many mappings per mappings_since answer before the caller just forgets everything.
+MAPPINGS_BATCH = 5000
 # At most this many keys per removals_since answer (the reader asks again for the rest).
 REMOVALS_BATCH = 10000
 # Removal log entries older than this are pruned: every live reader polls within seconds, and an
 # S3 index re-lists the bucket far more often than this anyway.
 REMOVALS_KEEP_S = 86400.0
+
+
+def mapping_feed(after: int, rows: Sequence[Sequence[Any]]) -> tuple[int, list[str] | None]:
+    """``mappings_since``'s answer from rows (id, taskhash, unihash) in id order, read with a
+    LIMIT of MAPPINGS_BATCH + 1 (one more than the batch tells that the batch overflowed)."""
+    if not rows:
+        return after, []
+    if len(rows) > MAPPINGS_BATCH:
+        return int(rows[-1][0]), None
+    hashes: list[str] = []
+    for _id, taskhash, unihash in rows:
+        hashes.append(taskhash)
+        hashes.append(unihash)
+    return int(rows[-1][0]), hashes
 
 
 def check_origin(origin: str) -> str:

@@ -64,6 +64,7 @@ import asyncpg
 
 from storage.equivalence import (
     COPY_COLUMNS,
+    MAPPINGS_BATCH,
     OUTHASH_COLUMNS,
     OUTHASH_TEXT_COLUMNS,
     REMOVALS_BATCH,
@@ -76,6 +77,7 @@ from storage.equivalence import (
     TrafficRow,
     User,
     check_origin,
+    mapping_feed,
     migrations,
     schema,
 )
@@ -472,6 +474,15 @@ class PostgresEquivalenceDB:
         if not self._listening or conn is None or conn.is_closed():
             self._gen += 1  # nothing can be trusted while no notification can arrive
         return self._gen
+
+    async def mappings_since(self, after: int | None) -> tuple[int, list[str] | None]:
+        """An index range read. Ids come from a sequence at insert time, so a transaction that
+        commits after a later id was read is not listed: the callers' TTLs bound that case."""
+        if after is None:
+            return int(await self._run(lambda c: c.fetchval("SELECT COALESCE(MAX(id), 0) FROM unihashes_v3"))), []
+        rows = await self._fetch("SELECT id, taskhash, unihash FROM unihashes_v3 WHERE id > $1 ORDER BY id LIMIT $2",
+                                 after, MAPPINGS_BATCH + 1)
+        return mapping_feed(after, rows)
 
     def _changed(self, n: int | bool) -> None:
         if n:

@@ -66,6 +66,7 @@ from typing import Any, TypeVar
 
 from storage.equivalence import (
     COPY_COLUMNS,
+    MAPPINGS_BATCH,
     OUTHASH_COLUMNS,
     OUTHASH_TEXT_COLUMNS,
     REMOVALS_BATCH,
@@ -79,6 +80,7 @@ from storage.equivalence import (
     TrafficRow,
     User,
     check_origin,
+    mapping_feed,
     migrations,
     schema,
 )
@@ -544,6 +546,16 @@ class SqliteEquivalenceDB:
             if add(r[0] for r in self._rows(members_sql, (u, *mparams, limit + len(seen)))):
                 break
         return out
+
+    async def mappings_since(self, after: int | None) -> tuple[int, list[str] | None]:
+        """An index range read on the loop. The writer thread is the only writer of this
+        instance and SQLite serialises writers, so ``id`` order is commit order."""
+        if after is None:
+            r = self._one("SELECT COALESCE(MAX(id), 0) FROM unihashes_v3")
+            return int(r[0]) if r else 0, []
+        rows = self._rows("SELECT id, taskhash, unihash FROM unihashes_v3 WHERE id > ? ORDER BY id LIMIT ?",
+                          (after, MAPPINGS_BATCH + 1))
+        return mapping_feed(after, rows)
 
     def _read_data_version(self) -> int:
         return self._conn.execute("PRAGMA data_version").fetchone()[0]
