@@ -12,7 +12,8 @@ not as fewer requests). Meanwhile uploaders PUT new objects and OEHASHEQUIV clie
 half WebSocket) report, each at a fixed rate.
 
 The service runs with ``--workers`` workers and its access log on (to a file), as deployed.
-The builders run in ``--procs`` processes of their own (aiohttp), the uploads and reports in
+The builders run in ``--procs`` processes of their own (``HeadConnection``: asyncio streams, one
+keep-alive connection per fetcher thread), the uploads and reports (aiohttp) in
 this one; the CPU time of the service and of the load generator are printed, and how late the
 generator sent its requests (if that lag grows, the generator, not the service, is the limit).
 
@@ -91,6 +92,42 @@ def ms(x: float) -> str:
 # --- the builders (run in --procs processes) -------------------------------------------------------
 
 
+class HeadConnection:
+    """One fetcher thread's cached keep-alive connection, sending HEADs one after another.
+
+    Deliberately small (asyncio streams, the answer read up to its blank line: a HEAD answer is
+    a head only): the generator shares the service's CPUs, and aiohttp's client spent more CPU
+    per HEAD than the service did, which made the generator, not the service, set the tail. A
+    builder's own client (wget, urllib) would run on the builder's machine."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def head(self, path: str) -> tuple[int, str]:
+        """(status, X-Sstate-Source) of ``HEAD path``; raises OSError/IncompleteReadError."""
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+        assert self.reader is not None
+        try:
+            self.writer.write(f"HEAD {path} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n\r\n".encode())
+            head = (await self.reader.readuntil(b"\r\n\r\n")).lower()
+        except BaseException:
+            self.close()
+            raise
+        if b"\r\nconnection: close" in head:
+            self.close()
+        start = head.find(b"\r\nx-sstate-source:")
+        source = "" if start < 0 else head[start + 18:head.index(b"\r\n", start + 2)].strip().decode()
+        return int(head[9:12]), source
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+
+
 async def _builder(port: int, probes: list[Probe], n_conn: int, rate: float, t_start: float,
                    t_end: float, seed: int, out: BuilderResult, rewrites: bool) -> None:
     """One builder's checks; ``rewrites``: the server answers equivalents (nginx cannot: 404)."""
@@ -98,16 +135,13 @@ async def _builder(port: int, probes: list[Probe], n_conn: int, rate: float, t_s
     order = probes[:]
     rng.shuffle(order)
     it = itertools.cycle(order)
-    base = f"http://127.0.0.1:{port}"
     per_conn = rate / n_conn
 
-    async def head(session: aiohttp.ClientSession, probe: Probe, record: bool = True) -> int:
+    async def head(conn: HeadConnection, probe: Probe, record: bool = True) -> int:
         t0 = time.monotonic()
         try:
-            async with session.head(base + probe.path, allow_redirects=False) as r:
-                status = r.status
-                source = r.headers.get("X-Sstate-Source", "")
-        except (aiohttp.ClientError, OSError, TimeoutError) as e:
+            status, source = await conn.head(probe.path)
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as e:
             out.errors[f"{probe.kind}: {type(e).__name__}"] += 1
             return -1
         if record:
@@ -119,14 +153,12 @@ async def _builder(port: int, probes: list[Probe], n_conn: int, rate: float, t_s
         return status
 
     async def thread(k: int) -> None:
-        # A fetcher thread: one cached keep-alive connection of its own (a session with a
-        # one-connection pool), its checks one after another.
-        connector = aiohttp.TCPConnector(limit=1, keepalive_timeout=300)
-        async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
+        conn = HeadConnection(port)
+        try:
             # Open the connection first (its first HEAD, not measured), the fleet's 1,000
             # spread over the ramp before t_start rather than all in one instant.
             await asyncio.sleep(rng.uniform(0, max(0.0, t_start - time.monotonic() - 1.0)))
-            await head(session, next(it), record=False)
+            await head(conn, next(it), record=False)
             await asyncio.sleep(max(0.0, t_start - time.monotonic()))
             due = t_start + random.Random(seed * 1000 + k).expovariate(per_conn)
             while due < t_end:
@@ -137,9 +169,11 @@ async def _builder(port: int, probes: list[Probe], n_conn: int, rate: float, t_s
                 else:  # still busy with the previous check when this one was due: the service's
                     out.behind += 1
                 probe = next(it)
-                if await head(session, probe) == 404:
-                    await head(session, probe)  # bitbake retries a miss once
+                if await head(conn, probe) == 404:
+                    await head(conn, probe)  # bitbake retries a miss once
                 due += rng.expovariate(per_conn)
+        finally:
+            conn.close()
 
     await asyncio.gather(*(thread(k) for k in range(n_conn)))
 

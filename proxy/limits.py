@@ -11,10 +11,13 @@ connections: a client could hold any number of connections by sending half a hea
   what a flood of connections can hold), and otherwise hands every event to aiohttp's protocol;
 * a request head must then arrive within ``header_timeout_s``: from the connection's start for
   the first request (the TLS handshake is bounded separately, by ``ssl_handshake_timeout``), and
-  from the first byte of each later one. The deadline is a timer on the guard, cancelled by
-  ``middleware`` when aiohttp hands over a parsed request (the middleware finds the guard by
-  ``request.transport``). While a request is being handled (a body being uploaded, a websocket)
-  no deadline runs: bodies have their own bound (``read_chunk``), websockets none.
+  from the first byte of each later one. The guard notes when its head began; ``middleware``
+  clears that when aiohttp hands over a parsed request (it finds the guard by
+  ``request.transport``). One sweep per worker, every quarter of the deadline (at most 1 s)
+  while connections are open, closes those whose head is overdue: a timer per request would be
+  armed and cancelled on every request of a HEAD storm. While a request is being handled (a
+  body being uploaded, a websocket) no deadline runs: bodies have their own bound
+  (``read_chunk``), websockets none.
 * ``drain`` (SIGTERM, after the listener stopped accepting) waits until no request is in the
   handlers, at most the grace period. Requests in flight go on receiving their bodies and
   sending their answers; a request that starts during the drain is answered 503 with
@@ -39,14 +42,14 @@ REFUSAL_LOG_INTERVAL_S = 10.0  # one warning per interval while connections are 
 class _Guard(asyncio.Protocol):
     """One connection: the limits' bookkeeping in front of aiohttp's protocol ``inner``."""
 
-    __slots__ = ("limits", "make", "inner", "transport", "timer", "busy")
+    __slots__ = ("limits", "make", "inner", "transport", "head_since", "busy")
 
     def __init__(self, limits: ConnectionLimits, make: Callable[[], asyncio.BaseProtocol]) -> None:
         self.limits = limits
         self.make = make
         self.inner: asyncio.Protocol | None = None  # None: refused (or not connected yet)
         self.transport: asyncio.BaseTransport | None = None
-        self.timer: asyncio.TimerHandle | None = None
+        self.head_since: float | None = None  # monotonic start of the head awaited, if any
         self.busy = False  # a request is in the handlers (between head and response)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -55,23 +58,23 @@ class _Guard(asyncio.Protocol):
             limits.refuse(transport)
             return
         self.transport = transport
-        limits.open[transport] = self
+        limits.admit(transport, self)
         self.inner = self.make()  # type: ignore[assignment]
-        self._arm()
+        self.head_since = time.monotonic()
         self.inner.connection_made(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.inner is None:
             return
-        self._disarm()
+        self.head_since = None
         self.limits.open.pop(self.transport, None)
         self.inner.connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         if self.inner is None:
             return
-        if self.timer is None and not self.busy:
-            self._arm()  # the first byte of a new request head: the deadline starts now
+        if self.head_since is None and not self.busy:
+            self.head_since = time.monotonic()  # the first byte of a new request head
         self.inner.data_received(data)
 
     def eof_received(self) -> bool | None:
@@ -85,26 +88,19 @@ class _Guard(asyncio.Protocol):
         if self.inner is not None:
             self.inner.resume_writing()
 
-    # --- the head deadline ---------------------------------------------------------------------
-    def _arm(self) -> None:
-        loop = asyncio.get_running_loop()
-        self.timer = loop.call_later(self.limits.header_timeout_s, self._head_timed_out)
-
-    def _disarm(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-
-    def _head_timed_out(self) -> None:
-        self.timer = None
-        if self.busy or self.transport is None or self.transport.is_closing():
+    def close_if_overdue(self, started_before: float) -> None:
+        """Close the connection if the head it awaits began before ``started_before``."""
+        since = self.head_since
+        if since is None or since > started_before or self.busy or self.transport is None \
+                or self.transport.is_closing():
             return
+        self.head_since = None
         log.debug("closing %s: no complete request head within %gs",
                   self.transport.get_extra_info("peername"), self.limits.header_timeout_s)
         self.transport.close()
 
     def request_started(self) -> None:
-        self._disarm()
+        self.head_since = None
         self.busy = True
         self.limits.busy += 1
 
@@ -131,11 +127,28 @@ class ConnectionLimits:
         self.idle = asyncio.Event()  # set when draining and no request is in the handlers
         self.refused = 0  # connections closed at once because of the cap
         self._last_warning = 0.0
+        self._sweep_s = min(1.0, header_timeout_s / 4)
+        self._sweeper: asyncio.TimerHandle | None = None
 
     def protocol_factory(self, make: Callable[[], asyncio.BaseProtocol]) -> Callable[[], asyncio.Protocol]:
         """A protocol factory for ``loop.create_server`` guarding the protocols ``make`` builds
         (aiohttp's ``runner.server``)."""
         return lambda: _Guard(self, make)
+
+    def admit(self, transport: asyncio.BaseTransport, guard: _Guard) -> None:
+        self.open[transport] = guard
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().call_later(self._sweep_s, self._sweep)
+
+    def _sweep(self) -> None:
+        """Close the connections whose request head is overdue; again in ``_sweep_s`` while
+        any connection is open."""
+        self._sweeper = None
+        started_before = time.monotonic() - self.header_timeout_s
+        for guard in list(self.open.values()):
+            guard.close_if_overdue(started_before)
+        if self.open:
+            self._sweeper = asyncio.get_running_loop().call_later(self._sweep_s, self._sweep)
 
     def refuse(self, transport: asyncio.BaseTransport) -> None:
         self.refused += 1

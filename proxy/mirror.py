@@ -33,6 +33,7 @@ NO_BODY = frozenset((304, 412, 416))  # finished answers of plan(): headers only
 # object pulled from upstream is stored first, then answered by plan() like any stored object.
 NOT_PLAIN = ("Range", "If-Match", "If-None-Match", "If-Modified-Since", "If-Unmodified-Since")
 _UPSTREAM_META = Meta(0, 0.0, "")  # of a pending GET: the size comes with the upstream's head
+TARGET_CACHE = 65536  # request targets whose parsed key a worker keeps
 
 
 class RangeNotSatisfiable(Exception):
@@ -195,12 +196,26 @@ class Mirror:
         self.metrics = metrics
         self.prefix = prefix
         self.upstream = upstream
+        self._targets: dict[str, tuple[str, names.SstateName | None]] = {}  # see key_of_raw
 
     def key_of(self, request: web.Request) -> tuple[str, names.SstateName | None]:
         return self.key_of_raw(request.raw_path)
 
     def key_of_raw(self, raw_path: str) -> tuple[str, names.SstateName | None]:
-        """The key for a request target as received (raises 404 outside the prefix, 400 bad path)."""
+        """The key for a request target as received (raises 404 outside the prefix, 400 bad path).
+
+        Answers are kept (bounded): a fleet asks for the same names again and again (bitbake
+        HEADs a miss twice, builders share targets), and parsing costs more than the lookup."""
+        known = self._targets.get(raw_path)
+        if known is not None:
+            return known
+        answer = self._parse_target(raw_path)
+        if len(self._targets) >= TARGET_CACHE:
+            self._targets.clear()
+        self._targets[raw_path] = answer
+        return answer
+
+    def _parse_target(self, raw_path: str) -> tuple[str, names.SstateName | None]:
         raw = raw_path.split("?", 1)[0]
         if not raw.startswith(self.prefix):
             raise web.HTTPNotFound(text="not under the mirror prefix\n")
