@@ -4,7 +4,9 @@ SQLite -> PostgreSQL (outgrowing one machine), PostgreSQL -> SQLite (a backup, o
 -> SQLite. Every table the service uses is copied, every column as stored: users with their
 token hashes (logins keep working), the gc mark, outhash rows with ``created``, ``owner`` and
 ``PN``/``PV``/``PR``, unihash rows with their ``gc_mark``, and the storage-dedup rows
-(``sstate_proxy_archives``). Rows go in the source's order, so "oldest first" answers and
+(``sstate_proxy_archives``), the object catalog (access times and the pulled-through cache's
+records, ``sstate_proxy_objects``) and the dashboard's traffic history. Not the removal log: its
+positions belong to one database. Rows go in the source's order, so "oldest first" answers and
 "newest first" classes are the same on the destination.
 
 Idempotent: the destination's inserts are first-writer-wins (``EquivalenceDB.copy_in``), so a
@@ -26,7 +28,8 @@ from storage.equivalence import COPY_COLUMNS, EquivalenceDB, UnsupportedDatabase
 
 # Copied in this order (none refers to another; users first so a half-finished copy of a big
 # database can already be logged into).
-TABLES = ("users", "config", "outhashes_v2", "unihashes_v3", "sstate_proxy_archives")
+TABLES = ("users", "config", "outhashes_v2", "unihashes_v3", "sstate_proxy_archives",
+          "sstate_proxy_objects", "sstate_proxy_traffic")
 BATCH = 2000
 
 
@@ -94,6 +97,7 @@ async def _totals(db: EquivalenceDB) -> dict[str, int | None]:
             if isinstance(rows, int):
                 totals[table] = rows
         totals["sstate_proxy_archives"] = (await db.dedup_stats())["objects"]
+        totals["sstate_proxy_objects"] = (await db.object_usage())[0]
     except Exception:  # only cosmetic
         pass
     return totals

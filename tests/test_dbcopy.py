@@ -12,7 +12,7 @@ import pytest
 
 from proxy.auth import Auth
 from proxy.dbcopy import TABLES
-from storage.equivalence import open_equivalence_db
+from storage.equivalence import TrafficRow, open_equivalence_db
 from tests.service import REPO
 
 M = "oe.sstatesig.OEOuthashBasic"
@@ -46,6 +46,11 @@ async def fill(url: str) -> str:
         await db.record_archive("a/x.tar.zst", "identity-1", 100)
         await db.record_archive("a/y.tar.zst", "identity-1", 100)
         await db.record_archive("a/z.tar.zst", "identity-2", 7)
+        await db.record_object("a/x.tar.zst", 100, "local", 1_700_000_000.25)
+        await db.record_object("b/pulled.tar.zst", 5_000_000_000, "upstream", 1_700_000_100.5)
+        await db.add_traffic([TrafficRow(1_700_000_000, "hit", "", 12, 3_000_000_000),
+                              TrafficRow(1_700_000_000, "miss", "zlib", 4, 0),
+                              TrafficRow(1_700_000_060, "report", "", 9, 0)])
         return token
     finally:
         await db.close()
@@ -83,6 +88,7 @@ def test_sqlite_to_sqlite_copies_every_row_and_is_idempotent(tmp_path: Path):
     assert asyncio.run(dump(dst)) == rows
     assert any(r["gc_mark"] == "mark-1" for r in rows["unihashes_v3"])
     assert {"name": "gc-mark", "value": "mark-1"} in rows["config"]
+    assert len(rows["sstate_proxy_objects"]) == 2 and len(rows["sstate_proxy_traffic"]) == 3
     again = cli("db", "copy", src, dst)
     assert again.returncode == 0, again.stderr
     assert copied_total(again.stdout) == 0
@@ -101,7 +107,9 @@ def test_the_destination_answers_like_the_source(tmp_path: Path):
         try:
             return ([await db.get_unihash_full(M, h(f"t{i}")) for i in (0, 1, 700, 2499)],
                     await db.class_of(h("u0"), (), 16), await db.gc_status(),
-                    await db.archive_alias("a/y.tar.zst"), await db.dedup_stats())
+                    await db.archive_alias("a/y.tar.zst"), await db.dedup_stats(),
+                    await db.object_usage("upstream"), await db.lru_objects(None, 10),
+                    await db.traffic_series(0))
         finally:
             await db.close()
 
@@ -179,7 +187,9 @@ def test_the_postgresql_copy_answers_like_the_source(tmp_path: Path, pg_url: str
             return ([(await db.get_unihash_full(M, h(f"t{i}")))["unihash"] for i in (0, 1, 700, 2499)],
                     await db.class_of(h("u0"), (), 16), await db.gc_status(),
                     await db.archive_alias("a/y.tar.zst"), await db.dedup_stats(),
-                    [(u.username, u.permissions) for u in await db.get_all_users()])
+                    [(u.username, u.permissions) for u in await db.get_all_users()],
+                    await db.object_usage("upstream"), await db.lru_objects(None, 10),
+                    await db.traffic_series(0))
         finally:
             await db.close()
 

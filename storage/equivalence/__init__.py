@@ -32,6 +32,11 @@ COPY_COLUMNS: dict[str, tuple[str, ...]] = {
     ),
     "unihashes_v3": ("method", "taskhash", "unihash", "gc_mark"),
     "sstate_proxy_archives": ("key", "identity", "size", "canonical", "created"),
+    # The object catalog (access times, pulled-through objects) and the traffic history. The
+    # removal log is not copied: its positions belong to one database (readers of the
+    # destination start at its own current position).
+    "sstate_proxy_objects": ("key", "size", "origin", "last_access"),
+    "sstate_proxy_traffic": ("bucket", "source", "recipe", "requests", "bytes"),
 }
 
 # Columns that `remove`, `gc-mark` and `get-db-query-columns` may name, per table.

@@ -248,6 +248,13 @@ class _Conditions:
         return " AND ".join(parts)
 
 
+# db copy: the integer columns that are not text in this engine, and the tables without an id
+# (read in key order).
+_BIGINT_COLUMNS = frozenset(("size", "bucket", "requests", "bytes"))
+_COPY_ORDER = {"sstate_proxy_archives": "created, key", "sstate_proxy_objects": "key",
+               "sstate_proxy_traffic": "bucket, source, recipe"}
+
+
 def _count(status: str) -> int:
     """Rows touched, from a command status such as ``INSERT 0 1`` or ``DELETE 3``."""
     try:
@@ -965,7 +972,7 @@ class PostgresEquivalenceDB:
             raise ValueError(f"no such table to copy: {table!r}")
         if batch <= 0:
             raise ValueError("batch must be positive")
-        order = "created, key" if table == "sstate_proxy_archives" else "id"
+        order = _COPY_ORDER.get(table, "id")
         sql = f"SELECT {', '.join(pg_ident(c) for c in columns)} FROM {table} ORDER BY {order}"
         pool = await self._get_pool()
         try:
@@ -1006,9 +1013,12 @@ class PostgresEquivalenceDB:
             if col == "created" and table == "outhashes_v2":
                 types.append("timestamp")
                 values = [None if v is None else to_created(v) for v in values]
-            elif col == "size":
+            elif col in _BIGINT_COLUMNS:
                 types.append("bigint")
                 values = [None if v is None else int(v) for v in values]
+            elif col == "last_access":
+                types.append("double precision")
+                values = [None if v is None else float(v) for v in values]
             else:
                 types.append("text")
                 values = [None if v is None else _text(col, v) for v in values]

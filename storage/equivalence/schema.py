@@ -117,7 +117,7 @@ MIGRATIONS = Table("sstate_proxy_migrations", (
 # Traffic history (migration 4, proxy.traffic): requests and bytes per time bucket and source
 # (hit, equivalent, upstream, miss, report), summed over every worker and replica; for misses
 # also per recipe (PN; '' for the totals and names without one). Not hash equivalence: its
-# writes do not notify (migrations.NOTIFY_TABLES), and it is not copied by `db copy`.
+# writes do not notify (migrations.NOTIFY_TABLES).
 TRAFFIC = Table("sstate_proxy_traffic", (
     Column("bucket", "INTEGER", "NOT NULL"),  # unix seconds at the bucket's start
     Column("source", "TEXT", "NOT NULL"),
