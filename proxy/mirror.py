@@ -293,10 +293,12 @@ class Mirror:
         if local is not None:
             return local
         candidates = [c for c in candidates if not self.upstream.known_missing(c.key)]
-        for cand in candidates:  # pulled meanwhile (by another worker)?
+        for cand in candidates:  # pulled meanwhile (by another request or worker)?
             meta = await self.store.stat(cand.key)
             if meta is not None:
-                return Resolution(cand.key, meta, cand.hash, "upstream")
+                # the asked-for name itself is stored now (the resolver's cached miss predates
+                # it): answered from the store, as any stored object
+                return Resolution(cand.key, meta, cand.hash, "hit" if cand.key == key else "upstream")
         plain = not any(h.get(k) is not None for k in NOT_PLAIN)
         if method == "GET" and plain and candidates:
             return Resolution(candidates[0].key, _UPSTREAM_META, candidates[0].hash, "upstream",
