@@ -6,12 +6,13 @@ store:
 
 * ``find(key)``: does a mirror have it (an upstream HEAD)? A HEAD 200 is trusted for
   ``FOUND_TTL_S`` (bitbake sends HEAD, then GET), a 404 for ``negative_ttl_s``.
-* ``pull(key, sink)``: GET it and store it (``store.put``: atomic, verified against the upstream's
-  Content-Length, so a cut transfer is never kept). With a ``sink`` (a client's GET) the body
-  goes to the client while it is stored, the client's head carrying the upstream's length.
-  Concurrent pulls of one key make one upstream GET: within a worker the others wait on the
-  leader's future, across the workers of a host on a per-key file lock (``KeyLocks``); the
-  waiters then find the object in the store.
+* ``pull(key, sink)``: GET it into a staging file on the store's filesystem
+  (``store.staging_path``), verified against the upstream's Content-Length and fsynced, then
+  stored with ``store.put_file(link=True)`` (atomic; a cut transfer is never kept). With a
+  ``sink`` (a client's GET) the client is sent that file as it grows (``Spool``: sendfile where
+  it can), the head carrying the upstream's length. Concurrent pulls of one key make one
+  upstream GET: within a worker the others wait on the leader's future, across the workers of a
+  host on a per-key file lock (``KeyLocks``); the waiters then find the object in the store.
 
 Every call is bounded by ``timeout_s`` (connect, and between two reads), so a slow or silent
 upstream gives an error within that time, never a hang. A mirror that fails at the connection
@@ -53,7 +54,6 @@ FOUND_TTL_S = 60.0  # an upstream HEAD 200 answers the HEADs and the GET that fo
 CACHE_ENTRIES = 65536  # per cache (found, missing), per worker
 MAX_CONNECTIONS = 32  # upstream connections per worker, all mirrors together
 CHUNK = 1024 * 1024  # most bytes read from an upstream at once (a read returns what has come)
-CLIENT_QUEUE = 16  # chunks a streamed pull may be ahead of its client
 LOCK_THREADS = 8  # threads that may wait for another process's pull of a key
 # S3 (and some CDNs) answer 403 for a missing key when listing is not allowed: a miss, as bitbake
 # takes it.
@@ -120,7 +120,58 @@ class Sink(Protocol):
     async def start(self, size: int) -> None:
         """Send the head, with Content-Length ``size``."""
 
-    async def write(self, chunk: bytes) -> None: ...
+    async def follow(self, spool: Spool) -> None:
+        """Send the spool's bytes as they are written, to the last (``spool.wait``); a
+        ConnectionError if the client goes away, UpstreamCut if the pull fails."""
+
+
+class Spool:
+    """An upstream body being written to a staging file: how much of it is there, and how the
+    pull ended. A client follows it with ``wait`` while the pull writes it."""
+
+    def __init__(self, path: str, size: int | None) -> None:
+        self.path = path
+        self.size = size  # the upstream's Content-Length (None: chunked)
+        self.written = 0  # bytes in the file so far
+        self.complete = False  # all ``size`` bytes are there, verified and fsynced
+        self.error: BaseException | None = None
+        self._changed = asyncio.Event()  # set, and replaced, whenever any of the above changes
+
+    def advance(self, n: int) -> None:
+        self.written += n
+        self._notify()
+
+    def finish(self) -> None:
+        self.complete = True
+        self._notify()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self._notify()
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def wait(self, offset: int) -> int:
+        """The bytes in the file once there are more than ``offset`` (or the body is complete);
+        raises UpstreamCut when the pull failed (a client must never take a part for the whole)."""
+        while not (self.written > offset or self.complete or self.error is not None):
+            await self._changed.wait()
+        if self.error is not None:
+            raise UpstreamCut("the upstream transfer failed") from self.error
+        return self.written
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 def lock_dir_for(cfg: Config) -> str:
@@ -329,7 +380,11 @@ class UpstreamMirrors:
     async def pull(self, key: str, sink: Sink | None = None) -> Pulled:
         """Bring ``key`` into the store from the first mirror that has it. With ``sink``, the
         body goes to it while it is stored (``streamed``); a pull already running for ``key``
-        (this worker) or holding its lock (another process) is waited for instead."""
+        (this worker) or holding its lock (another process) is waited for instead.
+
+        The lock and the waiters are let go as soon as the object is stored; only then does
+        this call wait for its own client to have the last byte, so a slow or stalled client
+        holds no one else's pull."""
         if self.known_missing(key):
             return Pulled("notfound")
         running = self._pulls.get(key)
@@ -339,17 +394,19 @@ class UpstreamMirrors:
         self._pulls[key] = done
         status = "error"
         try:
-            result = await self._lead(key, sink)
+            result, client = await self._lead(key, sink)
             status = result.status
-            return result
         finally:
             del self._pulls[key]
             done.set_result(status)
+        if client is not None:
+            await client  # a ConnectionError: our client left (the object is stored all the same)
+        return result
 
-    async def _lead(self, key: str, sink: Sink | None) -> Pulled:
+    async def _lead(self, key: str, sink: Sink | None) -> tuple[Pulled, asyncio.Task[None] | None]:
         async with self.locks.hold(key):
             if await self.store.stat(key) is not None:  # another process pulled it meanwhile
-                return Pulled("stored")
+                return Pulled("stored"), None
             outcome = "notfound"
             for i in self._order(key):
                 if not self._usable(i):
@@ -371,20 +428,17 @@ class UpstreamMirrors:
                         outcome = "error"
                         continue
                     try:
-                        pulled = await self._receive(key, i, r, sink)
+                        pulled, client = await self._receive(key, i, r, sink)
                     except UpstreamCut:
                         self._count("error")
                         raise
-                    except ConnectionResetError:  # our client left; the object was stored
-                        self._count("fetched")
-                        raise
-                    self._count("fetched" if pulled.status == "stored" else "error")
-                    return pulled
+                self._count("fetched" if pulled.status == "stored" else "error")
+                return pulled, client
             self._count("missing" if outcome == "notfound" else "error")
             if outcome == "notfound":
                 self._found.pop(key, None)
                 _remember(self._missing, key, time.monotonic() + self.negative_ttl)
-            return Pulled(outcome)
+            return Pulled(outcome), None
 
     def _count(self, result: str) -> None:
         """One object asked of the mirrors (a pull another process had already done is not)."""
@@ -403,68 +457,80 @@ class UpstreamMirrors:
             return "no Content-Length and not chunked: a cut transfer could not be told from the end"
         return None
 
-    async def _receive(self, key: str, i: int, r: aiohttp.ClientResponse, sink: Sink | None) -> Pulled:
+    async def _receive(self, key: str, i: int, r: aiohttp.ClientResponse, sink: Sink | None
+                       ) -> tuple[Pulled, asyncio.Task[None] | None]:
+        """The upstream body into a staging file (``store.staging_path``: on the store's own
+        filesystem for the local store), verified against the upstream's length and fsynced,
+        then stored by ``put_file(link=True)`` (a link, no copy). With a sink and a length, the
+        client is sent the file as it grows, by a task of its own (returned, not awaited: the
+        pull does not wait for its client); a chunked answer has no length to promise the
+        client up front, so it is stored first and then served from the store."""
         base = self.mirrors[i].base
         size = r.content_length
-        if sink is None or size is None:
-            # Stored first, then served from the store (a chunked answer has no length to
-            # promise the client up front).
+        spool = Spool(self.store.staging_path(), size)
+        client: asyncio.Task[None] | None = None
+        try:
+            fd = os.open(spool.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             try:
-                result = await self.store.put(key, r.content.iter_chunked(CHUNK), size=size)
-            except _FAILURES as e:
+                if sink is not None and size is not None:
+                    client = await self._start_client(key, sink, spool)
+                await self._spool_body(r, fd, spool)
+            finally:
+                os.close(fd)
+        except (*_FAILURES, asyncio.CancelledError) as e:
+            spool.fail(e)
+            _unlink(spool.path)
+            if isinstance(e, asyncio.CancelledError):
+                if client is not None:
+                    client.cancel()
+                raise
+            if client is None:
                 log.warning("upstream mirror %s: GET %s cut short (%s: %s); nothing kept", base, key,
                             type(e).__name__, e)
-                return Pulled("error")
-            await self._stored(key, result)
-            return Pulled("stored")
-
-        # The client is written to by a task of its own, fed through a bounded queue: the
-        # upstream read, the store's writes and the client's socket overlap instead of taking
-        # turns; a client CLIENT_QUEUE chunks behind slows the pull down (memory stays bounded).
-        client_ok = True
-        queue: asyncio.Queue[bytes | None] = asyncio.Queue(CLIENT_QUEUE)
-
-        async def to_client() -> None:
-            nonlocal client_ok
-            while (chunk := await queue.get()) is not None:
-                if not client_ok:
-                    continue
-                try:
-                    # A client that stops reading must not hold the pull (and its waiters)
-                    # hostage: it is dropped, the object is still stored.
-                    async with asyncio.timeout(self.timeout_s):
-                        await sink.write(chunk)
-                except (ConnectionError, TimeoutError) as e:
-                    client_ok = False
-                    log.info("upstream pull of %s: client dropped (%s); storing it anyway", key, type(e).__name__)
-
-        async def tee() -> AsyncIterator[bytes]:
-            async for chunk in r.content.iter_chunked(CHUNK):
-                await queue.put(chunk)
-                yield chunk
-
-        await sink.start(size)
-        writer = asyncio.get_running_loop().create_task(to_client())
-        chunks = tee()
-        try:
-            result = await self.store.put(key, chunks, size=size)
-            # put returns without reading when the key was stored meanwhile (another replica):
-            # the client still gets the whole upstream body
-            async for _ in chunks:
-                pass
-            await queue.put(None)
-            await writer
-        except _FAILURES as e:
+                return Pulled("error"), None
             log.warning("upstream mirror %s: GET %s cut short (%s: %s); nothing kept, client cut", base, key,
                         type(e).__name__, e)
+            with contextlib.suppress(UpstreamCut, ConnectionError):
+                await client  # it stops at once: the spool failed
             raise UpstreamCut(f"upstream transfer of {key} failed") from e
+        spool.finish()
+        try:
+            result = await self.store.put_file(key, spool.path, link=True)
+        except Exception:
+            # The client still gets the whole, verified body from the staging file.
+            log.exception("upstream pull of %s: cannot store it", key)
+            return Pulled("error", streamed=client is not None), client
         finally:
-            writer.cancel()
-            await chunks.aclose()
+            _unlink(spool.path)
         await self._stored(key, result)
-        if not client_ok:
-            raise ConnectionResetError("client went away during the pull (object stored)")
-        return Pulled("stored", streamed=True)
+        return Pulled("stored", streamed=client is not None), client
+
+    async def _start_client(self, key: str, sink: Sink, spool: Spool) -> asyncio.Task[None] | None:
+        """The client's head, then a task sending it the spool; None if the client is gone
+        already (the pull goes on without it)."""
+        assert spool.size is not None
+        try:
+            await sink.start(spool.size)
+        except ConnectionError as e:
+            log.info("upstream pull of %s: client gone before the head (%s); storing it anyway", key,
+                     type(e).__name__)
+            return None
+        return asyncio.get_running_loop().create_task(sink.follow(spool), name=f"upstream-client {key}")
+
+    async def _spool_body(self, r: aiohttp.ClientResponse, fd: int, spool: Spool) -> None:
+        """Write the body to ``fd`` as it arrives (each piece as aiohttp received it, written in
+        a thread), telling ``spool`` what is on disk; verify the length; fsync."""
+        loop = asyncio.get_running_loop()
+        async for data, _ in r.content.iter_chunks():
+            if not data:
+                continue
+            if spool.size is not None and spool.written + len(data) > spool.size:
+                raise DigestMismatch(f"received more than the announced {spool.size} bytes")
+            await loop.run_in_executor(None, _write_all, fd, data)
+            spool.advance(len(data))
+        if spool.size is not None and spool.written != spool.size:
+            raise DigestMismatch(f"received {spool.written} bytes, announced {spool.size}")
+        await loop.run_in_executor(None, os.fsync, fd)  # durable before it is linked as the object
 
     async def _stored(self, key: str, result: PutResult) -> None:
         self._found.pop(key, None)
