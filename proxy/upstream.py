@@ -33,9 +33,10 @@ import os
 import stat
 import tempfile
 import time
+import urllib.request
 from collections import OrderedDict
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 from urllib.parse import quote
 
@@ -54,6 +55,7 @@ FOUND_TTL_S = 60.0  # an upstream HEAD 200 answers the HEADs and the GET that fo
 CACHE_ENTRIES = 65536  # per cache (found, missing), per worker
 MAX_CONNECTIONS = 32  # upstream connections per worker, all mirrors together
 CHUNK = 1024 * 1024  # most bytes read from an upstream at once (a read returns what has come)
+SPOOL_AHEAD = 8 * 1024 * 1024  # bytes a pull may have read from upstream and not yet written
 LOCK_THREADS = 8  # threads that may wait for another process's pull of a key
 # S3 (and some CDNs) answer 403 for a missing key when listing is not allowed: a miss, as bitbake
 # takes it.
@@ -71,23 +73,57 @@ class UpstreamCut(ConnectionError):
 class UpstreamMirror:
     base: str  # the base URL without credentials and without its trailing slash
     auth: aiohttp.BasicAuth | None
+    proxy: URL | None = None  # from HTTP_PROXY/HTTPS_PROXY and NO_PROXY, read once at start
+    proxy_auth: str | None = field(default=None, repr=False)  # its Proxy-Authorization value, if any
 
     def url(self, key: str) -> URL:
         # percent-encoded as bitbake sends paths (":" as %3A, "+" as %2B)
         return URL(self.base + "/" + quote(key, safe="/"), encoded=True)
 
+    def request(self, key: str) -> dict:
+        """The keyword arguments of an aiohttp request for ``key`` on this mirror."""
+        kw: dict = {"url": self.url(key), "auth": self.auth, "proxy": self.proxy, "allow_redirects": True}
+        if self.proxy_auth is not None:
+            # aiohttp sends proxy_headers only on an https target's CONNECT; a plain http
+            # request goes to the proxy itself, which reads the credentials from its headers
+            header = {"Proxy-Authorization": self.proxy_auth}
+            kw["proxy_headers" if self.base.startswith("https:") else "headers"] = header
+        return kw
+
 
 def _netrc_auth(host: str) -> aiohttp.BasicAuth | None:
     """Credentials for ``host`` from ``~/.netrc`` (or ``$NETRC``), read as wget and curl read it
-    (no permission check); an unreadable file is logged and means no credentials. Passed as
-    ``auth``, not as a header: with ``trust_env`` aiohttp would otherwise look in netrc itself
-    and refuse a request that has both."""
+    (no permission check); an unreadable file is logged and means no credentials."""
     try:
         entry = netrc_entry(host, check_permissions=False)
     except CredentialsError as e:
         log.warning("%s", e)
         return None
     return None if entry is None else aiohttp.BasicAuth(entry[0], entry[1])
+
+
+def _env_proxy(url: URL) -> tuple[URL | None, str | None]:
+    """The proxy the environment names for ``url`` (``http_proxy``/``https_proxy``, unless
+    ``no_proxy`` matches its host), as aiohttp's ``trust_env`` would find it, with its
+    credentials from its URL or ``~/.netrc``. Read once per mirror: aiohttp's ``trust_env``
+    reads the environment and netrc again in a thread on every request, which costs a pull
+    more than its upstream's answer on a fast network."""
+    if not url.host or urllib.request.proxy_bypass(url.host):
+        return None, None
+    named = urllib.request.getproxies().get(url.scheme or "")
+    if not named:
+        return None, None
+    proxy = URL(named)
+    if proxy.scheme != "http":  # as aiohttp: only plain HTTP proxies (CONNECT for https targets)
+        log.warning("upstream mirror %s: %s proxy %s is not supported; connecting directly", url.host,
+                    proxy.scheme, proxy.with_user(None))
+        return None, None
+    if proxy.user is not None:
+        auth: aiohttp.BasicAuth | None = aiohttp.BasicAuth(proxy.user, proxy.password or "")
+        proxy = proxy.with_user(None)
+    else:
+        auth = _netrc_auth(proxy.host or "")
+    return proxy, None if auth is None else auth.encode()
 
 
 def parse_mirror(text: str) -> UpstreamMirror:
@@ -98,7 +134,8 @@ def parse_mirror(text: str) -> UpstreamMirror:
         url = url.with_user(None)
     else:
         auth = _netrc_auth(url.host or "")
-    return UpstreamMirror(str(url).rstrip("/"), auth)
+    proxy, proxy_auth = _env_proxy(url)
+    return UpstreamMirror(str(url).rstrip("/"), auth, proxy, proxy_auth)
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,10 +200,14 @@ class Spool:
         return self.written
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
+def _write_all(fd: int, pieces: list[bytes]) -> int:
+    """Write every piece (a regular file takes a write whole, short writes are looped over
+    anyway); the bytes written."""
+    for data in pieces:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    return sum(map(len, pieces))
 
 
 def _unlink(path: str) -> None:
@@ -303,7 +344,7 @@ class UpstreamMirrors:
                 # then every read of the body. No total: a big object may take long, if it flows.
                 timeout=aiohttp.ClientTimeout(total=None, connect=t, sock_connect=t, sock_read=t),
                 connector=aiohttp.TCPConnector(limit=MAX_CONNECTIONS),
-                trust_env=True,  # HTTP(S)_PROXY / NO_PROXY
+                trust_env=False,  # the environment's proxies are read once (parse_mirror)
                 auto_decompress=False,  # the bytes stored are the bytes sent
                 read_bufsize=CHUNK,
                 headers={"Accept-Encoding": "identity", "User-Agent": "sstate-proxy"},
@@ -359,7 +400,7 @@ class UpstreamMirrors:
                 everywhere = False
                 continue
             try:
-                async with self._client().head(m.url(key), auth=m.auth, allow_redirects=True) as r:
+                async with self._client().head(**m.request(key)) as r:
                     status, size = r.status, r.content_length
             except _FAILURES as e:
                 self._failed(i, "HEAD", e)
@@ -414,7 +455,7 @@ class UpstreamMirrors:
                     continue
                 m = self.mirrors[i]
                 try:
-                    r = await self._client().get(m.url(key), auth=m.auth, allow_redirects=True)
+                    r = await self._client().get(**m.request(key))
                 except _FAILURES as e:
                     self._failed(i, "GET", e)
                     outcome = "error"
@@ -518,16 +559,37 @@ class UpstreamMirrors:
         return asyncio.get_running_loop().create_task(sink.follow(spool), name=f"upstream-client {key}")
 
     async def _spool_body(self, r: aiohttp.ClientResponse, fd: int, spool: Spool) -> None:
-        """Write the body to ``fd`` as it arrives (each piece as aiohttp received it, written in
-        a thread), telling ``spool`` what is on disk; verify the length; fsync."""
+        """Write the body to ``fd`` as it arrives, telling ``spool`` what is on disk; verify the
+        length; fsync. Writes run in a thread, one at a time, each taking every piece that came
+        while the one before ran (so a thread hop per piece is not the pace of a fast upstream);
+        the upstream is read meanwhile, at most SPOOL_AHEAD bytes ahead of the disk."""
         loop = asyncio.get_running_loop()
+        received = 0
+        pending: list[bytes] = []
+        write: asyncio.Future[int] | None = None
+
+        def written(f: asyncio.Future[int]) -> None:
+            if not f.cancelled() and f.exception() is None:
+                spool.advance(f.result())
+
         async for data, _ in r.content.iter_chunks():
             if not data:
                 continue
-            if spool.size is not None and spool.written + len(data) > spool.size:
+            received += len(data)
+            if spool.size is not None and received > spool.size:
                 raise DigestMismatch(f"received more than the announced {spool.size} bytes")
-            await loop.run_in_executor(None, _write_all, fd, data)
-            spool.advance(len(data))
+            pending.append(data)
+            if write is not None:
+                if not write.done() and received - spool.written < SPOOL_AHEAD:
+                    continue
+                await write
+            write = loop.run_in_executor(None, _write_all, fd, pending)
+            write.add_done_callback(written)
+            pending = []
+        if write is not None:
+            await write
+        if pending:
+            spool.advance(await loop.run_in_executor(None, _write_all, fd, pending))
         if spool.size is not None and spool.written != spool.size:
             raise DigestMismatch(f"received {spool.written} bytes, announced {spool.size}")
         await loop.run_in_executor(None, os.fsync, fd)  # durable before it is linked as the object

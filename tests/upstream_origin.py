@@ -4,7 +4,9 @@
 
 Serves the files under DIR for GET and HEAD (Content-Length, nothing else clever), counts the
 requests per (method, path) at ``GET /_counts`` (JSON), and with ``--rate`` sends bodies slowly
-(64 KiB per step), so a test can kill it in the middle of a transfer. ``--auth``: every request
+(64 KiB per step), so a test can kill it in the middle of a transfer. It also answers requests
+sent to it as an HTTP proxy (absolute-form targets, counted as ``proxied GET path``; with
+``--auth``, the credentials are then asked in Proxy-Authorization). ``--auth``: every request
 needs these Basic credentials (401 otherwise). ``Origin`` starts and stops it.
 """
 
@@ -39,9 +41,11 @@ def build(root: Path, rate: float, auth: str) -> web.Application:
         return web.json_response(dict(counts))
 
     async def serve(request: web.Request) -> web.StreamResponse:
-        rel = unquote(request.raw_path.split("?", 1)[0]).lstrip("/")
-        counts[f"{request.method} {rel}"] += 1
-        if expected and request.headers.get("Authorization") != expected:
+        # an absolute-form target is a request sent to it as an HTTP proxy: counted as such
+        proxied = not request.raw_path.startswith("/")
+        rel = unquote(request.rel_url.raw_path).lstrip("/")
+        counts[f"{'proxied ' if proxied else ''}{request.method} {rel}"] += 1
+        if expected and request.headers.get("Proxy-Authorization" if proxied else "Authorization") != expected:
             raise web.HTTPUnauthorized(headers={"WWW-Authenticate": 'Basic realm="origin"'})
         path = (root / rel).resolve()
         if not path.is_relative_to(root) or not path.is_file():
