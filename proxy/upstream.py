@@ -531,8 +531,8 @@ class UpstreamMirrors:
                 return Pulled("error"), None
             log.warning("upstream mirror %s: GET %s cut short (%s: %s); nothing kept, client cut", base, key,
                         type(e).__name__, e)
-            with contextlib.suppress(UpstreamCut, ConnectionError):
-                await client  # it stops at once: the spool failed
+            with contextlib.suppress(UpstreamCut, OSError):
+                await client  # it stops at once: the spool failed (or its file is gone already)
             raise UpstreamCut(f"upstream transfer of {key} failed") from e
         spool.finish()
         try:
