@@ -590,8 +590,8 @@ class UpstreamMirrors:
             await write
         if pending:
             spool.advance(await loop.run_in_executor(None, _write_all, fd, pending))
-        if spool.size is not None and spool.written != spool.size:
-            raise DigestMismatch(f"received {spool.written} bytes, announced {spool.size}")
+        if spool.size is not None and received != spool.size:
+            raise DigestMismatch(f"received {received} bytes, announced {spool.size}")
         await loop.run_in_executor(None, os.fsync, fd)  # durable before it is linked as the object
 
     async def _stored(self, key: str, result: PutResult) -> None:
