@@ -121,3 +121,46 @@ def test_a_local_staging_file_is_linked_in_and_never_a_key(tmp_path):
     import asyncio
 
     asyncio.run(run())
+
+
+def test_a_chunked_upstream_answer_is_stored_first_then_served(service_factory, tmp_path):
+    """No length to promise the client up front: the staging file is completed and stored,
+    then the object is served from the store (with its length)."""
+    data = os.urandom(1024 * 1024 + 3)
+    with _origin_with(tmp_path, data, chunked=True) as o:
+        svc = service_factory("proxy", config={"upstream": {"mirrors": [o.url], "timeout_s": 5.0}}).start()
+        resp, body = call(svc, "GET", KEY)
+        assert resp.status == 200 and resp.getheader(SOURCE) == "upstream" and body == data
+        assert resp.getheader("Content-Length") == str(len(data)) and resp.getheader("ETag")
+        assert stored_files(svc.storage) == [KEY]
+
+
+def test_a_pull_into_s3_stages_in_the_temp_dir_and_leaves_nothing_there(service_factory, tmp_path):
+    from tests.s3server import TEST_ENV, MotoServer
+
+    data = os.urandom(3 * 1024 * 1024 + 1)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    moto = MotoServer()
+    moto.start()
+    try:
+        moto.create_bucket("near")
+        with _origin_with(tmp_path, data, rate=8 * 1024 * 1024) as o:
+            svc = service_factory("s3", env={**TEST_ENV, "TMPDIR": str(tmp)}, config={
+                "storage": {"backend": "s3"},
+                "storage.s3": {"bucket": "near", "prefix": "p", "endpoint_url": moto.endpoint_url,
+                               "region": "us-east-1", "timeout_s": 5.0},
+                "upstream": {"mirrors": [o.url], "timeout_s": 5.0}}).start()
+            resp, body = call(svc, "GET", KEY)
+            assert resp.status == 200 and resp.getheader(SOURCE) == "upstream" and body == data
+            deadline = time.monotonic() + 10
+            while not moto.client().list_objects_v2(Bucket="near", Prefix="p/").get("Contents"):
+                assert time.monotonic() < deadline, "not uploaded"
+                time.sleep(0.05)
+            resp, body = call(svc, "GET", KEY)
+            assert resp.status == 200 and body == data and o.counts() == {f"GET {KEY}": 1}
+            names = [p.name for p in tmp.iterdir()]
+            assert f"sstate-proxy-{os.getuid()}" in names  # the service's temp dir is this one
+            assert [n for n in names if n.startswith("sstate-proxy-staging")] == []
+    finally:
+        moto.close()
