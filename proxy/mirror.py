@@ -186,6 +186,8 @@ class _ClientSink:
         with open(spool.path, "rb", buffering=0) as fobj:  # still readable once unlinked
             while self.sent < spool.size:
                 end = await spool.wait(self.sent)
+                if end <= self.sent:  # complete, yet short: never send a part as the whole
+                    raise ConnectionResetError("staging file ended early")
                 transport = self.request.transport
                 if transport is None or transport.is_closing():
                     raise ConnectionResetError("client went away")
