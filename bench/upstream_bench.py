@@ -16,7 +16,9 @@ One run on loopback:
 4. (first rate only) GET of a *cached* object (pulled earlier, now in the store) against a local
    hit (published) of the same size, in ABBA order;
 5. prints markdown tables: medians, same-run ratios against the issue's targets (pulled/direct
-   <= 1.2x; cached/local >= 0.95x in throughput), the commands and the machine. Exit status 1 if
+   <= 1.2x; cached/local >= 0.95x in throughput), the proxy's CPU time per pull (user + system,
+   from ``/proc``, its tail after the client's last byte included: a figure the other processes
+   on the machine disturb far less than a time), the commands and the machine. Exit status 1 if
    a check failed (wrong status, size or source), not for a missed target.
 
     python bench/upstream_bench.py [--repeat 6] [--cached-repeat 12] [--sizes 1,16,64]
@@ -106,6 +108,19 @@ def start_proxy(d: Path, store: Path, db: Path, upstream_url: str) -> tuple[subp
     return proc, port
 
 
+def cpu_ms(pid: int) -> float:
+    """CPU time of a process's threads so far, ms (Linux ``/proc/PID/task/*/schedstat``: in
+    nanoseconds, where ``/proc/PID/stat`` counts 10 ms ticks). The executors' threads live as
+    long as the process, so none of this is lost between two readings."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (FileNotFoundError, ProcessLookupError):  # a thread that just ended
+            continue
+    return total / 1e6
+
+
 def wait_recorded(db: Path, key: str, timeout: float = 60.0) -> None:
     """Until the pull of ``key`` is over (stored, deduplicated, recorded in the catalog), so its
     tail does not run into the next measurement."""
@@ -160,15 +175,18 @@ def main(argv: list[str] | None = None) -> int:
                 size = mb * 1024 * 1024
                 direct: list[float] = []
                 pulled: list[float] = []
+                cpu: list[float] = []  # the proxy's CPU per pull, its tail (store, catalog) included
                 for i in range(a.repeat):  # ABBA: A B, B A, A B, ...
                     key = key_for(f"p{r}", mb, i)
                     pair = [("direct", nginx_url, None), ("pulled", proxy_url, "upstream")]
                     for what, base, source in pair if i % 2 == 0 else reversed(pair):
+                        before = cpu_ms(proxy.pid)
                         t = curl_get(base + url_path(key), size, source)
                         (direct if what == "direct" else pulled).append(t)
                         if what == "pulled":
                             wait_recorded(db, key)
-                pulls.append((rate or "none", mb, direct, pulled))
+                            cpu.append(cpu_ms(proxy.pid) - before)
+                pulls.append((rate or "none", mb, direct, pulled, cpu))
                 print(f"upstream rate {rate or 'unlimited'}, {mb} MiB: direct {statistics.median(direct) * 1000:.1f} ms, "
                       f"pulled {statistics.median(pulled) * 1000:.1f} ms", flush=True)
                 if r:
@@ -210,12 +228,12 @@ def render(pulls, hits, a, load: float) -> str:
         "GET pairs per size, ABBA order; time to last byte by curl.",
         "",
         f"| upstream rate (nginx limit_rate) | size | direct from nginx (ms) | first GET, pulled (ms) "
-        f"| pulled / direct (target <= {TARGET_PULLED}x) |",
-        "|---|---:|---:|---:|---:|",
+        f"| pulled / direct (target <= {TARGET_PULLED}x) | proxy CPU per pull (ms) |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
-    for rate, mb, direct, pulled in pulls:
+    for rate, mb, direct, pulled, cpu in pulls:
         ratio = statistics.median(pulled) / statistics.median(direct)
-        out.append(f"| {rate} | {mb} MiB | {ms(direct)} | {ms(pulled)} | {ratio:.2f}x |")
+        out.append(f"| {rate} | {mb} MiB | {ms(direct)} | {ms(pulled)} | {ratio:.2f}x | {statistics.median(cpu):.0f} |")
     out += ["", f"| size | local hit (ms) | cached (ms) | cached throughput / local hit (target >= {TARGET_CACHED}x) |",
             "|---:|---:|---:|---:|"]
     for mb, local, cached in hits:

@@ -20,7 +20,7 @@ from proxy.access import AccessRecorder
 from proxy.http_auth import require
 from proxy.metrics import Metrics
 from proxy.resolver import Candidate, Resolution, Resolver
-from proxy.upstream import Pulled, UpstreamMirrors
+from proxy.upstream import Pulled, Spool, UpstreamMirrors
 from storage import Body, ByteStream, LocalFile, Meta, ObjectStore, RedirectURL
 
 log = logging.getLogger("sstate_proxy.mirror")
@@ -167,7 +167,9 @@ def plan(h: Mapping[str, str], meta: Meta, headers: dict) -> tuple[int, int, int
 
 class _ClientSink:
     """A GET's response as the sink of an upstream pull: the head goes out with the upstream's
-    length when the upstream answered, then every chunk as it arrives."""
+    length when the upstream answered, then the staging file's bytes as they are written, with
+    asyncio's ``loop.sendfile`` on the request's transport (plain reads under TLS, or where the
+    loop has no sendfile)."""
 
     def __init__(self, request: web.Request, headers: dict) -> None:
         self.request = request
@@ -180,10 +182,35 @@ class _ClientSink:
         self.resp = web.StreamResponse(status=200, headers=self.headers)
         await self.resp.prepare(self.request)
 
-    async def write(self, chunk: bytes) -> None:
-        assert self.resp is not None
-        await self.resp.write(chunk)
-        self.sent += len(chunk)
+    async def follow(self, spool: Spool) -> None:
+        assert self.resp is not None and spool.size is not None
+        loop = asyncio.get_running_loop()
+        transport = self.request.transport
+        native = transport is not None and transport.get_extra_info("sslcontext") is None
+        with open(spool.path, "rb", buffering=0) as fobj:  # still readable once unlinked
+            while self.sent < spool.size:
+                end = await spool.wait(self.sent)
+                if end <= self.sent:  # complete, yet short: never send a part as the whole
+                    raise ConnectionResetError("staging file ended early")
+                transport = self.request.transport
+                if transport is None or transport.is_closing():
+                    raise ConnectionResetError("client went away")
+                if native:
+                    try:
+                        await loop.sendfile(transport, fobj, self.sent, end - self.sent)
+                    except NotImplementedError:  # uvloop, say
+                        native = False
+                    finally:
+                        # asyncio moves the file position past what it sent, even on error
+                        self.sent = max(self.sent, fobj.tell())
+                    continue
+                fobj.seek(self.sent)
+                while self.sent < end:
+                    chunk = await loop.run_in_executor(None, fobj.read, min(end - self.sent, 1 << 20))
+                    if not chunk:
+                        raise ConnectionResetError("staging file shrank during transfer")
+                    await self.resp.write(chunk)
+                    self.sent += len(chunk)
 
 
 class Mirror:

@@ -6,12 +6,13 @@ store:
 
 * ``find(key)``: does a mirror have it (an upstream HEAD)? A HEAD 200 is trusted for
   ``FOUND_TTL_S`` (bitbake sends HEAD, then GET), a 404 for ``negative_ttl_s``.
-* ``pull(key, sink)``: GET it and store it (``store.put``: atomic, verified against the upstream's
-  Content-Length, so a cut transfer is never kept). With a ``sink`` (a client's GET) the body
-  goes to the client while it is stored, the client's head carrying the upstream's length.
-  Concurrent pulls of one key make one upstream GET: within a worker the others wait on the
-  leader's future, across the workers of a host on a per-key file lock (``KeyLocks``); the
-  waiters then find the object in the store.
+* ``pull(key, sink)``: GET it into a staging file on the store's filesystem
+  (``store.staging_path``), verified against the upstream's Content-Length and fsynced, then
+  stored with ``store.put_file(link=True)`` (atomic; a cut transfer is never kept). With a
+  ``sink`` (a client's GET) the client is sent that file as it grows (``Spool``: sendfile where
+  it can), the head carrying the upstream's length. Concurrent pulls of one key make one
+  upstream GET: within a worker the others wait on the leader's future, across the workers of a
+  host on a per-key file lock (``KeyLocks``); the waiters then find the object in the store.
 
 Every call is bounded by ``timeout_s`` (connect, and between two reads), so a slow or silent
 upstream gives an error within that time, never a hang. A mirror that fails at the connection
@@ -32,9 +33,10 @@ import os
 import stat
 import tempfile
 import time
+import urllib.request
 from collections import OrderedDict
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 from urllib.parse import quote
 
@@ -53,7 +55,7 @@ FOUND_TTL_S = 60.0  # an upstream HEAD 200 answers the HEADs and the GET that fo
 CACHE_ENTRIES = 65536  # per cache (found, missing), per worker
 MAX_CONNECTIONS = 32  # upstream connections per worker, all mirrors together
 CHUNK = 1024 * 1024  # most bytes read from an upstream at once (a read returns what has come)
-CLIENT_QUEUE = 16  # chunks a streamed pull may be ahead of its client
+SPOOL_AHEAD = 8 * 1024 * 1024  # bytes a pull may have read from upstream and not yet written
 LOCK_THREADS = 8  # threads that may wait for another process's pull of a key
 # S3 (and some CDNs) answer 403 for a missing key when listing is not allowed: a miss, as bitbake
 # takes it.
@@ -71,23 +73,57 @@ class UpstreamCut(ConnectionError):
 class UpstreamMirror:
     base: str  # the base URL without credentials and without its trailing slash
     auth: aiohttp.BasicAuth | None
+    proxy: URL | None = None  # from HTTP_PROXY/HTTPS_PROXY and NO_PROXY, read once at start
+    proxy_auth: str | None = field(default=None, repr=False)  # its Proxy-Authorization value, if any
 
     def url(self, key: str) -> URL:
         # percent-encoded as bitbake sends paths (":" as %3A, "+" as %2B)
         return URL(self.base + "/" + quote(key, safe="/"), encoded=True)
 
+    def request(self, key: str) -> dict:
+        """The keyword arguments of an aiohttp request for ``key`` on this mirror."""
+        kw: dict = {"url": self.url(key), "auth": self.auth, "proxy": self.proxy, "allow_redirects": True}
+        if self.proxy_auth is not None:
+            # aiohttp sends proxy_headers only on an https target's CONNECT; a plain http
+            # request goes to the proxy itself, which reads the credentials from its headers
+            header = {"Proxy-Authorization": self.proxy_auth}
+            kw["proxy_headers" if self.base.startswith("https:") else "headers"] = header
+        return kw
+
 
 def _netrc_auth(host: str) -> aiohttp.BasicAuth | None:
     """Credentials for ``host`` from ``~/.netrc`` (or ``$NETRC``), read as wget and curl read it
-    (no permission check); an unreadable file is logged and means no credentials. Passed as
-    ``auth``, not as a header: with ``trust_env`` aiohttp would otherwise look in netrc itself
-    and refuse a request that has both."""
+    (no permission check); an unreadable file is logged and means no credentials."""
     try:
         entry = netrc_entry(host, check_permissions=False)
     except CredentialsError as e:
         log.warning("%s", e)
         return None
     return None if entry is None else aiohttp.BasicAuth(entry[0], entry[1])
+
+
+def _env_proxy(url: URL) -> tuple[URL | None, str | None]:
+    """The proxy the environment names for ``url`` (``http_proxy``/``https_proxy``, unless
+    ``no_proxy`` matches its host), as aiohttp's ``trust_env`` would find it, with its
+    credentials from its URL or ``~/.netrc``. Read once per mirror: aiohttp's ``trust_env``
+    reads the environment and netrc again in a thread on every request, which costs a pull
+    more than its upstream's answer on a fast network."""
+    if not url.host or urllib.request.proxy_bypass(url.host):
+        return None, None
+    named = urllib.request.getproxies().get(url.scheme or "")
+    if not named:
+        return None, None
+    proxy = URL(named)
+    if proxy.scheme != "http":  # as aiohttp: only plain HTTP proxies (CONNECT for https targets)
+        log.warning("upstream mirror %s: %s proxy %s is not supported; connecting directly", url.host,
+                    proxy.scheme, proxy.with_user(None))
+        return None, None
+    if proxy.user is not None:
+        auth: aiohttp.BasicAuth | None = aiohttp.BasicAuth(proxy.user, proxy.password or "")
+        proxy = proxy.with_user(None)
+    else:
+        auth = _netrc_auth(proxy.host or "")
+    return proxy, None if auth is None else auth.encode()
 
 
 def parse_mirror(text: str) -> UpstreamMirror:
@@ -98,7 +134,8 @@ def parse_mirror(text: str) -> UpstreamMirror:
         url = url.with_user(None)
     else:
         auth = _netrc_auth(url.host or "")
-    return UpstreamMirror(str(url).rstrip("/"), auth)
+    proxy, proxy_auth = _env_proxy(url)
+    return UpstreamMirror(str(url).rstrip("/"), auth, proxy, proxy_auth)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +157,62 @@ class Sink(Protocol):
     async def start(self, size: int) -> None:
         """Send the head, with Content-Length ``size``."""
 
-    async def write(self, chunk: bytes) -> None: ...
+    async def follow(self, spool: Spool) -> None:
+        """Send the spool's bytes as they are written, to the last (``spool.wait``); a
+        ConnectionError if the client goes away, UpstreamCut if the pull fails."""
+
+
+class Spool:
+    """An upstream body being written to a staging file: how much of it is there, and how the
+    pull ended. A client follows it with ``wait`` while the pull writes it."""
+
+    def __init__(self, path: str, size: int | None) -> None:
+        self.path = path
+        self.size = size  # the upstream's Content-Length (None: chunked)
+        self.written = 0  # bytes in the file so far
+        self.complete = False  # all ``size`` bytes are there, verified and fsynced
+        self.error: BaseException | None = None
+        self._changed = asyncio.Event()  # set, and replaced, whenever any of the above changes
+
+    def advance(self, n: int) -> None:
+        self.written += n
+        self._notify()
+
+    def finish(self) -> None:
+        self.complete = True
+        self._notify()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self._notify()
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def wait(self, offset: int) -> int:
+        """The bytes in the file once there are more than ``offset`` (or the body is complete);
+        raises UpstreamCut when the pull failed (a client must never take a part for the whole)."""
+        while not (self.written > offset or self.complete or self.error is not None):
+            await self._changed.wait()
+        if self.error is not None:
+            raise UpstreamCut("the upstream transfer failed") from self.error
+        return self.written
+
+
+def _write_all(fd: int, pieces: list[bytes]) -> int:
+    """Write every piece (a regular file takes a write whole, short writes are looped over
+    anyway); the bytes written."""
+    for data in pieces:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    return sum(map(len, pieces))
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 def lock_dir_for(cfg: Config) -> str:
@@ -252,7 +344,7 @@ class UpstreamMirrors:
                 # then every read of the body. No total: a big object may take long, if it flows.
                 timeout=aiohttp.ClientTimeout(total=None, connect=t, sock_connect=t, sock_read=t),
                 connector=aiohttp.TCPConnector(limit=MAX_CONNECTIONS),
-                trust_env=True,  # HTTP(S)_PROXY / NO_PROXY
+                trust_env=False,  # the environment's proxies are read once (parse_mirror)
                 auto_decompress=False,  # the bytes stored are the bytes sent
                 read_bufsize=CHUNK,
                 headers={"Accept-Encoding": "identity", "User-Agent": "sstate-proxy"},
@@ -308,7 +400,7 @@ class UpstreamMirrors:
                 everywhere = False
                 continue
             try:
-                async with self._client().head(m.url(key), auth=m.auth, allow_redirects=True) as r:
+                async with self._client().head(**m.request(key)) as r:
                     status, size = r.status, r.content_length
             except _FAILURES as e:
                 self._failed(i, "HEAD", e)
@@ -329,7 +421,11 @@ class UpstreamMirrors:
     async def pull(self, key: str, sink: Sink | None = None) -> Pulled:
         """Bring ``key`` into the store from the first mirror that has it. With ``sink``, the
         body goes to it while it is stored (``streamed``); a pull already running for ``key``
-        (this worker) or holding its lock (another process) is waited for instead."""
+        (this worker) or holding its lock (another process) is waited for instead.
+
+        The lock and the waiters are let go as soon as the object is stored; only then does
+        this call wait for its own client to have the last byte, so a slow or stalled client
+        holds no one else's pull."""
         if self.known_missing(key):
             return Pulled("notfound")
         running = self._pulls.get(key)
@@ -339,17 +435,19 @@ class UpstreamMirrors:
         self._pulls[key] = done
         status = "error"
         try:
-            result = await self._lead(key, sink)
+            result, client = await self._lead(key, sink)
             status = result.status
-            return result
         finally:
             del self._pulls[key]
             done.set_result(status)
+        if client is not None:
+            await client  # a ConnectionError: our client left (the object is stored all the same)
+        return result
 
-    async def _lead(self, key: str, sink: Sink | None) -> Pulled:
+    async def _lead(self, key: str, sink: Sink | None) -> tuple[Pulled, asyncio.Task[None] | None]:
         async with self.locks.hold(key):
             if await self.store.stat(key) is not None:  # another process pulled it meanwhile
-                return Pulled("stored")
+                return Pulled("stored"), None
             outcome = "notfound"
             for i in self._order(key):
                 if not self._usable(i):
@@ -357,7 +455,7 @@ class UpstreamMirrors:
                     continue
                 m = self.mirrors[i]
                 try:
-                    r = await self._client().get(m.url(key), auth=m.auth, allow_redirects=True)
+                    r = await self._client().get(**m.request(key))
                 except _FAILURES as e:
                     self._failed(i, "GET", e)
                     outcome = "error"
@@ -371,20 +469,17 @@ class UpstreamMirrors:
                         outcome = "error"
                         continue
                     try:
-                        pulled = await self._receive(key, i, r, sink)
+                        pulled, client = await self._receive(key, i, r, sink)
                     except UpstreamCut:
                         self._count("error")
                         raise
-                    except ConnectionResetError:  # our client left; the object was stored
-                        self._count("fetched")
-                        raise
-                    self._count("fetched" if pulled.status == "stored" else "error")
-                    return pulled
+                self._count("fetched" if pulled.status == "stored" else "error")
+                return pulled, client
             self._count("missing" if outcome == "notfound" else "error")
             if outcome == "notfound":
                 self._found.pop(key, None)
                 _remember(self._missing, key, time.monotonic() + self.negative_ttl)
-            return Pulled(outcome)
+            return Pulled(outcome), None
 
     def _count(self, result: str) -> None:
         """One object asked of the mirrors (a pull another process had already done is not)."""
@@ -403,68 +498,101 @@ class UpstreamMirrors:
             return "no Content-Length and not chunked: a cut transfer could not be told from the end"
         return None
 
-    async def _receive(self, key: str, i: int, r: aiohttp.ClientResponse, sink: Sink | None) -> Pulled:
+    async def _receive(self, key: str, i: int, r: aiohttp.ClientResponse, sink: Sink | None
+                       ) -> tuple[Pulled, asyncio.Task[None] | None]:
+        """The upstream body into a staging file (``store.staging_path``: on the store's own
+        filesystem for the local store), verified against the upstream's length and fsynced,
+        then stored by ``put_file(link=True)`` (a link, no copy). With a sink and a length, the
+        client is sent the file as it grows, by a task of its own (returned, not awaited: the
+        pull does not wait for its client); a chunked answer has no length to promise the
+        client up front, so it is stored first and then served from the store."""
         base = self.mirrors[i].base
         size = r.content_length
-        if sink is None or size is None:
-            # Stored first, then served from the store (a chunked answer has no length to
-            # promise the client up front).
+        spool = Spool(self.store.staging_path(), size)
+        client: asyncio.Task[None] | None = None
+        try:
+            fd = os.open(spool.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             try:
-                result = await self.store.put(key, r.content.iter_chunked(CHUNK), size=size)
-            except _FAILURES as e:
+                if sink is not None and size is not None:
+                    client = await self._start_client(key, sink, spool)
+                await self._spool_body(r, fd, spool)
+            finally:
+                os.close(fd)
+        except (*_FAILURES, asyncio.CancelledError) as e:
+            spool.fail(e)
+            _unlink(spool.path)
+            if isinstance(e, asyncio.CancelledError):
+                if client is not None:
+                    client.cancel()
+                raise
+            if client is None:
                 log.warning("upstream mirror %s: GET %s cut short (%s: %s); nothing kept", base, key,
                             type(e).__name__, e)
-                return Pulled("error")
-            await self._stored(key, result)
-            return Pulled("stored")
-
-        # The client is written to by a task of its own, fed through a bounded queue: the
-        # upstream read, the store's writes and the client's socket overlap instead of taking
-        # turns; a client CLIENT_QUEUE chunks behind slows the pull down (memory stays bounded).
-        client_ok = True
-        queue: asyncio.Queue[bytes | None] = asyncio.Queue(CLIENT_QUEUE)
-
-        async def to_client() -> None:
-            nonlocal client_ok
-            while (chunk := await queue.get()) is not None:
-                if not client_ok:
-                    continue
-                try:
-                    # A client that stops reading must not hold the pull (and its waiters)
-                    # hostage: it is dropped, the object is still stored.
-                    async with asyncio.timeout(self.timeout_s):
-                        await sink.write(chunk)
-                except (ConnectionError, TimeoutError) as e:
-                    client_ok = False
-                    log.info("upstream pull of %s: client dropped (%s); storing it anyway", key, type(e).__name__)
-
-        async def tee() -> AsyncIterator[bytes]:
-            async for chunk in r.content.iter_chunked(CHUNK):
-                await queue.put(chunk)
-                yield chunk
-
-        await sink.start(size)
-        writer = asyncio.get_running_loop().create_task(to_client())
-        chunks = tee()
-        try:
-            result = await self.store.put(key, chunks, size=size)
-            # put returns without reading when the key was stored meanwhile (another replica):
-            # the client still gets the whole upstream body
-            async for _ in chunks:
-                pass
-            await queue.put(None)
-            await writer
-        except _FAILURES as e:
+                return Pulled("error"), None
             log.warning("upstream mirror %s: GET %s cut short (%s: %s); nothing kept, client cut", base, key,
                         type(e).__name__, e)
+            with contextlib.suppress(UpstreamCut, OSError):
+                await client  # it stops at once: the spool failed (or its file is gone already)
             raise UpstreamCut(f"upstream transfer of {key} failed") from e
+        spool.finish()
+        try:
+            result = await self.store.put_file(key, spool.path, link=True)
+        except Exception:
+            # The client still gets the whole, verified body from the staging file.
+            log.exception("upstream pull of %s: cannot store it", key)
+            return Pulled("error", streamed=client is not None), client
         finally:
-            writer.cancel()
-            await chunks.aclose()
+            _unlink(spool.path)
         await self._stored(key, result)
-        if not client_ok:
-            raise ConnectionResetError("client went away during the pull (object stored)")
-        return Pulled("stored", streamed=True)
+        return Pulled("stored", streamed=client is not None), client
+
+    async def _start_client(self, key: str, sink: Sink, spool: Spool) -> asyncio.Task[None] | None:
+        """The client's head, then a task sending it the spool; None if the client is gone
+        already (the pull goes on without it)."""
+        assert spool.size is not None
+        try:
+            await sink.start(spool.size)
+        except ConnectionError as e:
+            log.info("upstream pull of %s: client gone before the head (%s); storing it anyway", key,
+                     type(e).__name__)
+            return None
+        return asyncio.get_running_loop().create_task(sink.follow(spool), name=f"upstream-client {key}")
+
+    async def _spool_body(self, r: aiohttp.ClientResponse, fd: int, spool: Spool) -> None:
+        """Write the body to ``fd`` as it arrives, telling ``spool`` what is on disk; verify the
+        length; fsync. Writes run in a thread, one at a time, each taking every piece that came
+        while the one before ran (so a thread hop per piece is not the pace of a fast upstream);
+        the upstream is read meanwhile, at most SPOOL_AHEAD bytes ahead of the disk."""
+        loop = asyncio.get_running_loop()
+        received = 0
+        pending: list[bytes] = []
+        write: asyncio.Future[int] | None = None
+
+        def written(f: asyncio.Future[int]) -> None:
+            if not f.cancelled() and f.exception() is None:
+                spool.advance(f.result())
+
+        async for data, _ in r.content.iter_chunks():
+            if not data:
+                continue
+            received += len(data)
+            if spool.size is not None and received > spool.size:
+                raise DigestMismatch(f"received more than the announced {spool.size} bytes")
+            pending.append(data)
+            if write is not None:
+                if not write.done() and received - spool.written < SPOOL_AHEAD:
+                    continue
+                await write
+            write = loop.run_in_executor(None, _write_all, fd, pending)
+            write.add_done_callback(written)
+            pending = []
+        if write is not None:
+            await write
+        if pending:
+            spool.advance(await loop.run_in_executor(None, _write_all, fd, pending))
+        if spool.size is not None and received != spool.size:
+            raise DigestMismatch(f"received {received} bytes, announced {spool.size}")
+        await loop.run_in_executor(None, os.fsync, fd)  # durable before it is linked as the object
 
     async def _stored(self, key: str, result: PutResult) -> None:
         self._found.pop(key, None)

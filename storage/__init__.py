@@ -146,6 +146,13 @@ class ObjectStore(Protocol):
         into the store when the backend keeps files on the same filesystem (``linked`` in the
         result); every backend otherwise copies (S3 uploads it). First write wins."""
 
+    def staging_path(self) -> str:
+        """A fresh path (nothing there yet) for a file the caller writes and then stores with
+        ``put_file(key, path, link=True)``, removing it afterwards: on the store's own
+        filesystem when it keeps files (the link then costs no copy), named as the store's
+        temp files (never a key; left by a dead writer, removed by its cleanup); the system's
+        temp directory otherwise."""
+
     async def delete(self, key: str) -> bool:
         """Remove ``key``; True if it existed."""
 

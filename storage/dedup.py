@@ -224,3 +224,6 @@ class DedupStore:
             await self.inner.put(dst, body.chunks, size=body.meta.size)
         else:
             raise FileNotFoundError(src)
+
+    def staging_path(self) -> str:
+        return self.inner.staging_path()

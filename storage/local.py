@@ -638,3 +638,9 @@ class LocalStore:
             if pid != me and not _pid_alive(pid):
                 return True
         return now - e.stat(follow_symlinks=False).st_mtime > stale_s
+
+    def staging_path(self) -> str:
+        """A fresh temp file name in the root: same filesystem (``put_file(link=True)`` links
+        it), named as ``put``'s temp files (never a key; ``cleanup_temp`` removes it when its
+        writer died)."""
+        return os.path.join(self._root, f"{TEMP_PREFIX}{self._tag}.{os.getpid()}.{secrets.token_hex(8)}")

@@ -46,7 +46,9 @@ import hashlib
 import logging
 import os
 import re
+import secrets
 import struct
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -828,6 +830,11 @@ class S3Store:
         self._pool.shutdown(wait=False, cancel_futures=True)
         with contextlib.suppress(Exception):
             self._s3.close()
+
+    def staging_path(self) -> str:
+        """A fresh name in the system's temp directory (S3 has no filesystem to link into:
+        ``put_file`` uploads the file)."""
+        return os.path.join(tempfile.gettempdir(), f"sstate-proxy-staging.{os.getpid()}.{secrets.token_hex(8)}")
 
 
 async def _empty() -> AsyncIterator[bytes]:

@@ -1,11 +1,14 @@
 """A plain HTTP sstate mirror in a subprocess, for the pull-through tests and the benchmark.
 
-    python -m tests.upstream_origin DIR PORT [--rate BYTES_PER_S] [--auth USER:PASS]
+    python -m tests.upstream_origin DIR PORT [--rate BYTES_PER_S] [--auth USER:PASS] [--chunked]
 
 Serves the files under DIR for GET and HEAD (Content-Length, nothing else clever), counts the
 requests per (method, path) at ``GET /_counts`` (JSON), and with ``--rate`` sends bodies slowly
-(64 KiB per step), so a test can kill it in the middle of a transfer. ``--auth``: every request
-needs these Basic credentials (401 otherwise). ``Origin`` starts and stops it.
+(64 KiB per step), so a test can kill it in the middle of a transfer. It also answers requests
+sent to it as an HTTP proxy (absolute-form targets, counted as ``proxied GET path``; with
+``--auth``, the credentials are then asked in Proxy-Authorization). ``--auth``: every request
+needs these Basic credentials (401 otherwise). ``--chunked``: GET bodies are sent chunked, with no
+Content-Length. ``Origin`` starts and stops it.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 STEP = 64 * 1024
 
 
-def build(root: Path, rate: float, auth: str) -> web.Application:
+def build(root: Path, rate: float, auth: str, chunked: bool = False) -> web.Application:
     counts: collections.Counter[str] = collections.Counter()
     expected = "Basic " + base64.b64encode(auth.encode()).decode() if auth else ""
 
@@ -39,9 +42,11 @@ def build(root: Path, rate: float, auth: str) -> web.Application:
         return web.json_response(dict(counts))
 
     async def serve(request: web.Request) -> web.StreamResponse:
-        rel = unquote(request.raw_path.split("?", 1)[0]).lstrip("/")
-        counts[f"{request.method} {rel}"] += 1
-        if expected and request.headers.get("Authorization") != expected:
+        # an absolute-form target is a request sent to it as an HTTP proxy: counted as such
+        proxied = not request.raw_path.startswith("/")
+        rel = unquote(request.rel_url.raw_path).lstrip("/")
+        counts[f"{'proxied ' if proxied else ''}{request.method} {rel}"] += 1
+        if expected and request.headers.get("Proxy-Authorization" if proxied else "Authorization") != expected:
             raise web.HTTPUnauthorized(headers={"WWW-Authenticate": 'Basic realm="origin"'})
         path = (root / rel).resolve()
         if not path.is_relative_to(root) or not path.is_file():
@@ -50,7 +55,11 @@ def build(root: Path, rate: float, auth: str) -> web.Application:
         headers = {"Content-Type": "application/octet-stream", "Content-Length": str(len(data))}
         if request.method == "HEAD":
             return web.Response(headers=headers)
+        if chunked:
+            del headers["Content-Length"]
         resp = web.StreamResponse(headers=headers)
+        if chunked:
+            resp.enable_chunked_encoding()
         await resp.prepare(request)
         for i in range(0, len(data), STEP):
             await resp.write(data[i:i + STEP])
@@ -71,19 +80,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("port", type=int)
     p.add_argument("--rate", type=float, default=0.0)
     p.add_argument("--auth", default="")
+    p.add_argument("--chunked", action="store_true")
     a = p.parse_args(argv)
-    web.run_app(build(Path(a.root).resolve(), a.rate, a.auth), host="127.0.0.1", port=a.port,
+    web.run_app(build(Path(a.root).resolve(), a.rate, a.auth, a.chunked), host="127.0.0.1", port=a.port,
                 print=None, access_log=None)
 
 
 class Origin:
     """The origin mirror in a subprocess serving ``root``."""
 
-    def __init__(self, root: Path, port: int, *, rate: float = 0.0, auth: str = "") -> None:
+    def __init__(self, root: Path, port: int, *, rate: float = 0.0, auth: str = "", chunked: bool = False) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.port = port
-        self.args = [str(self.root), str(port), "--rate", str(rate), "--auth", auth]
+        self.args = [str(self.root), str(port), "--rate", str(rate), "--auth", auth, *(["--chunked"] if chunked else [])]
         self.proc: subprocess.Popen | None = None
 
     @property
