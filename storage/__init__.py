@@ -13,6 +13,7 @@ root, as a second line of defence.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
@@ -170,6 +171,25 @@ class ObjectStore(Protocol):
 
     async def close(self) -> None:
         """Release connections, executors, background tasks."""
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host may still write (backends' temp-file cleanup)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return True
+    # A zombie (dead, not yet reaped: a killed supervisor's workers wait for init to reap them)
+    # writes nothing any more; its temp files are litter.
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
 
 
 def open_store(config, db: EquivalenceDB | None = None) -> ObjectStore:

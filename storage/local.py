@@ -44,6 +44,7 @@ from storage import (
     StoreUnavailable,
     TooLarge,
     file_chunks,
+    pid_alive,
 )
 
 log = logging.getLogger(__name__)
@@ -109,24 +110,6 @@ def _instance_tag() -> str:
     except OSError:
         pass
     return hashlib.blake2b("|".join(parts).encode(), digest_size=4).hexdigest()
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except OSError:
-        return True
-    # A zombie (dead, not yet reaped: a killed supervisor's workers wait for init to reap them)
-    # writes nothing any more; its temp files are litter.
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rpartition(b")")[2].split()[0] != b"Z"
-    except (OSError, IndexError):
-        return True
 
 
 # A full filesystem or an exhausted quota: the write fails, the store itself is fine.
@@ -635,7 +618,7 @@ class LocalStore:
         pid_s, _, _ = rest.partition(".")
         if tag == self._tag and pid_s.isdigit():
             pid = int(pid_s)
-            if pid != me and not _pid_alive(pid):
+            if pid != me and not pid_alive(pid):
                 return True
         return now - e.stat(follow_symlinks=False).st_mtime > stale_s
 

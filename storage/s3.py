@@ -78,6 +78,7 @@ from storage import (
     StoreUnavailable,
     TooLarge,
     file_chunks,
+    pid_alive,
 )
 from storage.local import check_key
 
@@ -115,6 +116,7 @@ NEG_CACHE_MAX = 100_000
 MIN_TRANSFER_RATE = 256 * 1024  # bytes/s assumed when sizing a data call's timeout
 # How often the index checks the database's removal log (when generation() moved).
 REMOVALS_POLL_S = 0.5
+STAGING_PREFIX = "sstate-proxy-staging."  # staging_path's names (pid first: see remove_dead_staging)
 
 _HDR = struct.Struct("<QI")
 _MD5_RE = re.compile(r"[0-9a-f]{32}")
@@ -336,6 +338,8 @@ class S3Store:
         return True
 
     async def start(self, *, housekeeping: bool = True) -> None:
+        if housekeeping:
+            await asyncio.to_thread(remove_dead_staging)
         if self._use_index and self._index_task is None:
             if self._removals is not None:
                 # The log position is taken before the first listing starts: whatever is removed
@@ -833,8 +837,31 @@ class S3Store:
 
     def staging_path(self) -> str:
         """A fresh name in the system's temp directory (S3 has no filesystem to link into:
-        ``put_file`` uploads the file)."""
-        return os.path.join(tempfile.gettempdir(), f"sstate-proxy-staging.{os.getpid()}.{secrets.token_hex(8)}")
+        ``put_file`` uploads the file); ``start`` removes those of dead processes."""
+        return os.path.join(tempfile.gettempdir(), f"{STAGING_PREFIX}{os.getpid()}.{secrets.token_hex(8)}")
+
+
+def remove_dead_staging(directory: str | None = None) -> int:
+    """Remove the staging files (``S3Store.staging_path``) whose process is gone (killed in
+    the middle of a pull); the number removed."""
+    directory = directory or tempfile.gettempdir()
+    removed = 0
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return 0
+    for name in names:
+        if not name.startswith(STAGING_PREFIX):
+            continue
+        pid = name[len(STAGING_PREFIX):].split(".", 1)[0]
+        if not pid.isdigit() or pid_alive(int(pid)):
+            continue
+        with contextlib.suppress(FileNotFoundError, PermissionError):
+            os.unlink(os.path.join(directory, name))
+            removed += 1
+    if removed:
+        log.info("S3 store: removed %d staging file(s) of dead processes from %s", removed, directory)
+    return removed
 
 
 async def _empty() -> AsyncIterator[bytes]:

@@ -9,6 +9,8 @@ import http.client
 import os
 import socket
 import ssl
+import subprocess
+import sys
 import time
 from urllib.parse import quote
 
@@ -164,3 +166,19 @@ def test_a_pull_into_s3_stages_in_the_temp_dir_and_leaves_nothing_there(service_
             assert [n for n in names if n.startswith("sstate-proxy-staging")] == []
     finally:
         moto.close()
+
+
+def test_staging_files_of_dead_processes_are_removed_at_start(tmp_path):
+    """An S3 pull stages in the temp dir; a process killed mid-pull leaves its file there, and
+    the next start removes it (a live process's file stays)."""
+    from storage.s3 import STAGING_PREFIX, remove_dead_staging
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    litter = tmp_path / f"{STAGING_PREFIX}{dead.pid}.0123456789abcdef"
+    live = tmp_path / f"{STAGING_PREFIX}{os.getpid()}.fedcba9876543210"
+    other = tmp_path / "sstate-proxy-staging-not-ours"
+    for p in (litter, live, other):
+        p.write_bytes(b"partial")
+    assert remove_dead_staging(str(tmp_path)) == 1
+    assert not litter.exists() and live.exists() and other.exists()
