@@ -8,6 +8,7 @@ connections HEAD stored objects at ``--head-rate`` in all (fixed pacing, open lo
 phase without uploads, then one with ``--upload-rate`` PUT/s, in the same service run.
 
     python bench/upload_heads.py [--workers 1] [--members 2000] [--upload-rate 5] [--no-dedup]
+                                 [--random-bodies]
 """
 
 from __future__ import annotations
@@ -91,12 +92,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--members", type=int, default=2000, help="files in each archive (200 bytes each)")
     ap.add_argument("--duration", type=float, default=12.0, help="seconds of each phase")
     ap.add_argument("--no-dedup", action="store_true", help="[storage] dedup = false")
+    ap.add_argument("--random-bodies", action="store_true",
+                    help="random bytes of 20-400 KB instead of archives, as bench/load_test.py sends")
     args = ap.parse_args(argv)
 
     rng = random.Random(16)
     n_bodies = int(args.upload_rate * args.duration) + 1
-    bodies = [make_archive({f"usr/share/pkg/d{i % 50}/f{i}": rng.randbytes(200) for i in range(args.members)})
-              for _ in range(n_bodies)]
+    if args.random_bodies:
+        bodies = [rng.randbytes(rng.randint(20_000, 400_000)) for _ in range(n_bodies)]
+    else:
+        bodies = [make_archive({f"usr/share/pkg/d{i % 50}/f{i}": rng.randbytes(200) for i in range(args.members)})
+                  for _ in range(n_bodies)]
     with tempfile.TemporaryDirectory(prefix="upload-heads-") as d:
         svc = Service(Path(d) / "svc", env={"SSTATE_PROXY_ADMIN_USER": ADMIN[0], "SSTATE_PROXY_ADMIN_TOKEN": ADMIN[1]},
                       args=["--workers", str(args.workers)], config={"storage": {"dedup": not args.no_dedup}})
@@ -119,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
             quiet = asyncio.run(phase(False))
             loaded = asyncio.run(phase(True))
     print(f"command: python bench/upload_heads.py {' '.join(sys.argv[1:])}".rstrip())
-    print(f"machine: {machine()}; archives of {args.members} files, {len(bodies[0]) // 1000} KB; "
+    what = "random bodies of 20-400 KB" if args.random_bodies else \
+        f"archives of {args.members} files, {len(bodies[0]) // 1000} KB"
+    print(f"machine: {machine()}; {what}; "
           f"{args.head_rate:g} HEAD/s over {args.connections} connections, {args.duration:g} s a phase")
     print("\n| phase, request | count | p50 ms | p99 ms | max ms |\n|---|---:|---:|---:|---:|")
     print(line("no uploads: HEAD", quiet[0]))
