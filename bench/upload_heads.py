@@ -4,11 +4,12 @@ bench/load_test.py uploads random bytes, which have no archive identity (the zst
 wrong), so it never parses a tar. Here every PUT is a real ``.tar.zst`` of ``--members`` small
 files (a ``package`` archive of a large recipe), each with content of its own: the worker stores
 it, computes its archive identity (dedup) and records it. Meanwhile ``--connections`` keep-alive
-connections HEAD stored objects at ``--head-rate`` in all (fixed pacing, open loop). First a
-phase without uploads, then one with ``--upload-rate`` PUT/s, in the same service run.
+connections HEAD stored objects at ``--head-rate`` in all (fixed pacing, open loop). After a
+few warm-up uploads (unless ``--cold``: they start the workers' identity processes), a phase
+without uploads, then one with ``--upload-rate`` PUT/s, in the same service run.
 
     python bench/upload_heads.py [--workers 1] [--members 2000] [--upload-rate 5] [--no-dedup]
-                                 [--random-bodies]
+                                 [--random-bodies] [--cold]
 """
 
 from __future__ import annotations
@@ -92,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--members", type=int, default=2000, help="files in each archive (200 bytes each)")
     ap.add_argument("--duration", type=float, default=12.0, help="seconds of each phase")
     ap.add_argument("--no-dedup", action="store_true", help="[storage] dedup = false")
+    ap.add_argument("--cold", action="store_true",
+                    help="no warm-up uploads: the identity pool starts during the measured phase")
     ap.add_argument("--random-bodies", action="store_true",
                     help="random bytes of 20-400 KB instead of archives, as bench/load_test.py sends")
     args = ap.parse_args(argv)
@@ -122,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
                     uploads(svc.port, bodies, args.upload_rate, t_end) if upload else asyncio.sleep(0, []))
                 return h, u, cpu_seconds(service_pids(pid)) - cpu0
 
+            if not args.cold:  # steady state: each worker's identity pool started before measuring
+                warm = [make_archive({"warm": rng.randbytes(100)}) for _ in range(2 * args.workers)]
+                asyncio.run(uploads(svc.port, warm, 100.0, time.monotonic() + 60))
             quiet = asyncio.run(phase(False))
             loaded = asyncio.run(phase(True))
     print(f"command: python bench/upload_heads.py {' '.join(sys.argv[1:])}".rstrip())
