@@ -474,6 +474,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hit", type=float, default=0.2)
     ap.add_argument("--equivalent", type=float, default=0.1)
     ap.add_argument("--upload-rate", type=float, default=10.0, help="PUTs/s (20-400 KB each)")
+    ap.add_argument("--no-dedup", action="store_true",
+                    help="serve with [storage] dedup = false (no archive identity for uploads)")
     ap.add_argument("--report-rate", type=float, default=100.0, help="OEHASHEQUIV reports/s in all")
     ap.add_argument("--reporters", type=int, default=8, help="OEHASHEQUIV connections (half tcp, half ws)")
     ap.add_argument("--objects", type=int, default=3000)
@@ -495,7 +497,8 @@ def main(argv: list[str] | None = None) -> int:
         work.chmod(0o755)  # nginx's workers (another user) read the corpus below it
         svc = Service(work / "svc", env={"SSTATE_PROXY_ADMIN_USER": ADMIN[0], "SSTATE_PROXY_ADMIN_TOKEN": ADMIN[1]},
                       args=["--workers", str(args.workers), "--hashserv-bind", f"127.0.0.1:{free_port()}"],
-                      config={"server": {"log_level": "INFO", "access_log": True}})
+                      config={"server": {"log_level": "INFO", "access_log": True},
+                              "storage": {"dedup": not args.no_dedup}})
         tcp = svc.args[-1]
         corpus = make_corpus(svc.storage, n=args.objects, seed=16, equiv_fraction=0.3)
         probes = make_probes(corpus, rng, args.names, args.hit, args.equivalent)

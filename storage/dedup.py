@@ -2,7 +2,8 @@
 
 ``DedupStore(inner, db)`` wraps any ObjectStore. After a new ``.tar.zst``/``.tgz`` object is
 stored, its archive identity (storage.archive_identity: what the archive restores, not its bytes)
-is computed in a small thread pool and recorded in the database's ``sstate_proxy_archives``
+is computed in a small pool of child processes (storage.identity_pool: the tar walk is pure
+Python and would hold a serving worker's GIL) and recorded in the database's ``sstate_proxy_archives``
 table. When an equal archive is stored already under another key, the new copy's bytes are
 deleted again and the key becomes an *alias* of the canonical key: ``stat`` and ``open`` of the
 alias answer with the canonical's meta and bytes, so callers see a plain store.
@@ -18,7 +19,6 @@ stored as it was written.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 import os
 import tempfile
@@ -26,8 +26,9 @@ import weakref
 from collections.abc import AsyncIterator
 
 from storage import Body, ByteStream, LocalFile, Meta, ObjectStore, PutResult
-from storage.archive_identity import Uncomputable, archive_format, identity_of_file, identity_of_fileobj
+from storage.archive_identity import archive_format
 from storage.equivalence import EquivalenceDB
+from storage.identity_pool import IdentityPool
 
 log = logging.getLogger("sstate_proxy.dedup")
 
@@ -42,9 +43,8 @@ class DedupStore:
         self.inner = inner
         self.db = db
         self.record = record
-        # archive identities: decompression + sha256, CPU-bound
-        self._pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=max(1, min(4, (os.cpu_count() or 2) // 2)), thread_name_prefix="archive-identity")
+        # archive identities: decompression, tar walk and sha256, CPU-bound; in child processes
+        self._pool = IdentityPool(max_workers=max(1, min(4, (os.cpu_count() or 2) // 2)))
         # Serialises "record, then drop the duplicate" and "delete with promotion" in this
         # process, so a duplicate is never dropped while its canonical is being promoted away.
         self._lock = asyncio.Lock()
@@ -113,7 +113,12 @@ class DedupStore:
         existing = await self._existing(key)
         if existing is not None:
             return existing
-        identity = await self._identity_of_path(path, key) if self.record else None
+        identity = None
+        if self.record:
+            try:
+                identity = await self._identity_of_path(path, key)
+            except Exception:  # dedup is an optimisation: store the file as it is
+                log.exception("archive identity of %s failed; stored as it is", key)
         if identity is None:
             return await self.inner.put_file(key, path, link=link)
         size = os.stat(path).st_size
@@ -160,7 +165,7 @@ class DedupStore:
 
     async def close(self) -> None:
         await self.inner.close()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.close()
 
     # --- the pieces --------------------------------------------------------------------------
     async def _settle(self, key: str, identity: str | None, size: int) -> str | None:
@@ -183,7 +188,7 @@ class DedupStore:
         fmt = archive_format(key)
         if fmt is None:
             return None
-        return await asyncio.get_running_loop().run_in_executor(self._pool, identity_of_file, path, fmt)
+        return await self._pool.identity(path, fmt)
 
     async def _identity_of_stored(self, key: str) -> str | None:
         """Identity of the stored object ``key`` (a local file is read in place; other stores'
@@ -197,19 +202,13 @@ class DedupStore:
         if not isinstance(body, ByteStream):
             return None
         loop = asyncio.get_running_loop()
-        spool = await loop.run_in_executor(None, tempfile.TemporaryFile)
+        # a named file: the pool's child opens it by its path
+        spool = await loop.run_in_executor(None, tempfile.NamedTemporaryFile)
         try:
             async for chunk in body.chunks:
                 await loop.run_in_executor(None, spool.write, chunk)
-
-            def compute() -> str | None:
-                spool.seek(0)
-                try:
-                    return identity_of_fileobj(spool, fmt)
-                except Uncomputable:
-                    return None
-
-            return await loop.run_in_executor(self._pool, compute)
+            await loop.run_in_executor(None, spool.flush)
+            return await self._pool.identity(spool.name, fmt)
         finally:
             aclose = getattr(body.chunks, "aclose", None)
             if aclose is not None:

@@ -129,14 +129,81 @@ class _StreamError(Exception):
         self.error = error
 
 
-def _write_block(fd: int, data: bytes, hashers: list[Any]) -> None:
-    """Runs in the I/O pool: hash (hashlib drops the GIL on big buffers) and write it all."""
-    for h in hashers:
-        h.update(data)
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
+class _TempWrite:
+    """One ``put``'s temp file, driven from the I/O pool one step at a time (never two at once).
+
+    Every blocking call of a write runs here, off the event loop: creating the directory and the
+    temp file, hashing (hashlib drops the GIL on big buffers), writing, fsync, link, stat. A body
+    up to ``WRITE_BLOCK`` takes two trips to the pool (its first chunk, then ``commit``), so the
+    loop hands work to a thread and takes it back twice per upload, not once per syscall.
+    """
+
+    def __init__(self, store: LocalStore, parts: list[str], md5: bytes | None, sha256: bytes | None) -> None:
+        self.store = store
+        self.dirparts, self.name = parts[:-1], parts[-1]
+        self.md5, self.sha256 = md5, sha256
+        self.h_md5 = hashlib.md5() if md5 is not None else None
+        self.h_sha = hashlib.sha256() if sha256 is not None else None
+        self.dfd = -1
+        self.fd = -1
+        self.tmp: str | None = None
+
+    def write(self, blocks: list[bytes]) -> None:
+        """Append ``blocks`` (the temp file is created by the first call)."""
+        if self.fd < 0:
+            self.dfd = self.store._open_dir(self.dirparts)
+            self.tmp = f"{TEMP_PREFIX}{self.store._tag}.{os.getpid()}.{secrets.token_hex(8)}"
+            self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC,
+                              0o664, dir_fd=self.dfd)
+        hashers = [h for h in (self.h_md5, self.h_sha) if h is not None]
+        for data in blocks:
+            for h in hashers:
+                h.update(data)
+            view = memoryview(data)
+            while view:
+                n = os.write(self.fd, view)
+                view = view[n:]
+
+    def commit(self, blocks: list[bytes]) -> tuple[bool, os.stat_result]:
+        """Write the last ``blocks``, verify the digests, fsync and link the temp file to its
+        name: (created, stat of the name). link() is atomic and never replaces an existing
+        name, so the first complete writer wins."""
+        self.write(blocks)
+        if self.h_md5 is not None and self.h_md5.digest() != self.md5:
+            raise DigestMismatch("MD5 of the received bytes does not match")
+        if self.h_sha is not None and self.h_sha.digest() != self.sha256:
+            raise DigestMismatch("SHA-256 of the received bytes does not match")
+        if self.store._fsync:
+            os.fsync(self.fd)
+        fd, self.fd = self.fd, -1
+        os.close(fd)
+        try:
+            os.link(self.tmp, self.name, src_dir_fd=self.dfd, dst_dir_fd=self.dfd, follow_symlinks=False)
+            created = True
+        except FileExistsError:
+            created = False
+        tmp, self.tmp = self.tmp, None
+        os.unlink(tmp, dir_fd=self.dfd)
+        st = os.stat(self.name, dir_fd=self.dfd, follow_symlinks=False)
+        if created and self.store._fsync:
+            os.fsync(self.dfd)  # the new name is durable before the caller acknowledges it
+        return created, st
+
+    def discard(self) -> None:
+        """Remove the temp file if it is still there and close what is open (idempotent)."""
+        if self.tmp is not None and self.dfd >= 0:
+            try:
+                os.unlink(self.tmp, dir_fd=self.dfd)
+            except OSError:
+                pass
+        self.tmp = None
+        for fd in (self.fd, self.dfd):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self.fd = self.dfd = -1
 
 
 class LocalStore:
@@ -409,35 +476,26 @@ class LocalStore:
         found = self._lookup(key)
         if found is not None:
             return PutResult(_meta(found[1]), False)
-        name = parts[-1]
-        dirparts = parts[:-1]
-
-        # Every blocking call goes through `run`, which remembers the call in flight: if we are
-        # cancelled while a thread still writes to our fds, closing them is deferred until the
-        # thread is done (closing an fd in use could hit a reused fd number).
-        inflight: list[concurrent.futures.Future[Any] | None] = [None]
+        writer = _TempWrite(self, parts, md5, sha256)
+        # The trip to the pool in flight: if we are cancelled while a thread still works on the
+        # writer's fds, discarding them waits until that thread is done (closing an fd in use
+        # could hit a reused fd number).
+        inflight: concurrent.futures.Future[Any] | None = None
 
         async def run(fn: Callable[..., Any], *args: Any) -> Any:
-            cf = self._pool.submit(fn, *args)
-            inflight[0] = cf
-            result = await asyncio.wrap_future(cf)
-            inflight[0] = None
+            nonlocal inflight
+            inflight = self._pool.submit(fn, *args)
+            result = await asyncio.wrap_future(inflight)
+            inflight = None
             return result
 
-        dfd = -1
-        fd = -1
-        tmp: str | None = None
         try:
-            dfd = await run(self._open_dir, dirparts)
-            tmp = f"{TEMP_PREFIX}{self._tag}.{os.getpid()}.{secrets.token_hex(8)}"
-            fd = os.open(
-                tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o664, dir_fd=dfd
-            )
-            h_md5 = hashlib.md5() if md5 is not None else None
-            h_sha = hashlib.sha256() if sha256 is not None else None
-            hashers = [h for h in (h_md5, h_sha) if h is not None]
             total = 0
-            buf = bytearray()
+            # the body's chunks as they come (no copy), handed to the pool at the first chunk
+            # (the temp file exists while the body arrives) and then WRITE_BLOCK at a time
+            pending: list[bytes] = []
+            npending = 0
+            started = False
             it = aiter(chunks)
             while True:
                 try:
@@ -453,34 +511,14 @@ class LocalStore:
                     raise TooLarge(f"upload exceeds the limit of {max_size} bytes")
                 if size is not None and total > size:
                     raise DigestMismatch(f"received more than the announced {size} bytes")
-                buf += chunk
-                if len(buf) >= WRITE_BLOCK:
-                    data, buf = bytes(buf), bytearray()
-                    await run(_write_block, fd, data, hashers)
-            if buf:
-                await run(_write_block, fd, bytes(buf), hashers)
+                pending.append(chunk)
+                npending += len(chunk)
+                if npending >= WRITE_BLOCK or not started:
+                    await run(writer.write, pending)
+                    pending, npending, started = [], 0, True
             if size is not None and total != size:
                 raise DigestMismatch(f"received {total} bytes, announced {size}")
-            if h_md5 is not None and h_md5.digest() != md5:
-                raise DigestMismatch("MD5 of the received bytes does not match")
-            if h_sha is not None and h_sha.digest() != sha256:
-                raise DigestMismatch("SHA-256 of the received bytes does not match")
-            if self._fsync:
-                await run(os.fsync, fd)
-            os.close(fd)
-            fd = -1
-            # From here on nothing awaits until the name is settled: link() is atomic and
-            # never replaces an existing name, so the first complete writer wins.
-            try:
-                os.link(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd, follow_symlinks=False)
-                created = True
-            except FileExistsError:
-                created = False
-            os.unlink(tmp, dir_fd=dfd)
-            tmp = None
-            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-            if created and self._fsync:
-                await run(os.fsync, dfd)
+            created, st = await run(writer.commit, pending)
             if not created:
                 log.info("local store: %s exists already; new body discarded", key)
             return PutResult(_meta(st), created)
@@ -491,32 +529,10 @@ class LocalStore:
                 raise InvalidKey(f"cannot write {key!r}: {e.strerror}") from e
             raise _write_error("write", key, e) from e
         finally:
-            if tmp is not None and dfd >= 0:
-                try:
-                    os.unlink(tmp, dir_fd=dfd)
-                except OSError:
-                    pass
-            cf = inflight[0]
-            fds = [f for f in (fd, dfd) if f >= 0]
-
-            def close_fds(_: object = None) -> None:
-                for f in fds:
-                    try:
-                        os.close(f)
-                    except OSError:
-                        pass
-
-            if cf is None:
-                close_fds()
-            elif dfd < 0:
-                # cancelled while the directory was being opened: close what it returns
-                def close_result(f: concurrent.futures.Future[Any]) -> None:
-                    if not f.cancelled() and f.exception() is None:
-                        os.close(f.result())
-
-                cf.add_done_callback(close_result)
+            if inflight is None:
+                writer.discard()
             else:
-                cf.add_done_callback(close_fds)
+                inflight.add_done_callback(lambda _: writer.discard())
 
     async def put_file(self, key: str, path: str, *, link: bool = False) -> PutResult:
         """Store a local file's bytes as ``key``. ``link``: hard-link it (atomic, never replaces
