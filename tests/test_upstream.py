@@ -219,6 +219,10 @@ def test_upstream_killed_mid_transfer_keeps_nothing_partial(service_factory, tmp
         with Origin(slow.root, port):  # back, fast this time
             resp, body = call(svc, "GET", key)
             assert resp.status == 200 and body == data
+        # the client may have its last byte before the staging file is committed (fsync, link)
+        deadline = time.monotonic() + 5
+        while stored_files(svc.storage) != [key] and time.monotonic() < deadline:
+            time.sleep(0.02)
         assert stored_files(svc.storage) == [key]
     finally:
         slow.stop()
