@@ -29,6 +29,9 @@ from storage import Meta, ObjectStore
 from storage.equivalence import EquivalenceDB
 
 GENERATION_POLL_S = 0.2
+# Cached misses per unknown hash (an object's name, its companions, a few tasks of one hash);
+# the bound keeps a client inventing names around one hash from growing one entry forever.
+KEYS_PER_HASH = 64
 # The method asked of an upstream hashserv when [equivalence] methods is empty (bitbake's default).
 DEFAULT_METHOD = "oe.sstatesig.OEOuthashBasic"
 
@@ -161,8 +164,10 @@ class Resolver:
         keys = self._unknown.get(hash_)
         if keys is None:
             self._remember(self._unknown, hash_, {key: expiry})
-        else:
-            keys[key] = expiry
+            return
+        if len(keys) >= KEYS_PER_HASH:  # names differing only outside the hash: a client's churn
+            keys.clear()
+        keys[key] = expiry
 
     async def resolve(self, key: str, name: SstateName | None) -> Resolution | None:
         """The object to serve for ``key``, or None (a miss)."""
