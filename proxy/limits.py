@@ -127,7 +127,7 @@ class ConnectionLimits:
         self.idle = asyncio.Event()  # set when draining and no request is in the handlers
         self.refused = 0  # connections closed at once because of the cap
         self._last_warning = 0.0
-        self._sweep_s = min(1.0, header_timeout_s / 4)
+        self._sweep_s = min(1.0, max(0.05, header_timeout_s / 4))  # never a busy loop
         self._sweeper: asyncio.TimerHandle | None = None
 
     def protocol_factory(self, make: Callable[[], asyncio.BaseProtocol]) -> Callable[[], asyncio.Protocol]:
