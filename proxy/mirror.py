@@ -165,52 +165,76 @@ def plan(h: Mapping[str, str], meta: Meta, headers: dict) -> tuple[int, int, int
     return 206, start, length
 
 
+class _FileSender:
+    """Sends spans of an open file to a GET's client: asyncio's ``loop.sendfile`` on the
+    request's transport (as aiohttp's own FileResponse does) or, under TLS or on a loop without
+    it, reads written through the response. ``sent`` counts what went out, also when a span
+    fails half-way (the access log and the bytes counter say the same)."""
+
+    def __init__(self, request: web.Request, resp: web.StreamResponse) -> None:
+        self.request = request
+        self.resp = resp
+        self.sent = 0
+        transport = request.transport
+        self.native = transport is not None and transport.get_extra_info("sslcontext") is None
+
+    async def send(self, fobj: BinaryIO, offset: int, count: int) -> None:
+        """[offset, offset+count) of ``fobj``; ConnectionResetError when the client went away or
+        the file holds fewer bytes."""
+        transport = self.request.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("client went away")
+        loop = asyncio.get_running_loop()
+        done = 0
+        if self.native and count:
+            try:
+                await loop.sendfile(transport, fobj, offset, count)
+            except NotImplementedError:  # uvloop, say
+                self.native = False
+            finally:
+                # asyncio moves the file position past what it sent, even on error
+                done = max(0, fobj.tell() - offset)
+                self.sent += done
+        if done < count:  # no sendfile here, or the file ended early
+            fobj.seek(offset + done)
+            while done < count:
+                chunk = await loop.run_in_executor(None, fobj.read, min(count - done, 1 << 20))
+                if not chunk:
+                    raise ConnectionResetError("file shrank during transfer")
+                await self.resp.write(chunk)
+                done += len(chunk)
+                self.sent += len(chunk)
+
+
 class _ClientSink:
     """A GET's response as the sink of an upstream pull: the head goes out with the upstream's
-    length when the upstream answered, then the staging file's bytes as they are written, with
-    asyncio's ``loop.sendfile`` on the request's transport (plain reads under TLS, or where the
-    loop has no sendfile)."""
+    length when the upstream answered, then the staging file's bytes as they are written."""
 
     def __init__(self, request: web.Request, headers: dict) -> None:
         self.request = request
         self.headers = headers
         self.resp: web.StreamResponse | None = None
-        self.sent = 0
+        self._sender: _FileSender | None = None
+
+    @property
+    def sent(self) -> int:
+        return 0 if self._sender is None else self._sender.sent
 
     async def start(self, size: int) -> None:
         self.headers["Content-Length"] = str(size)
         self.resp = web.StreamResponse(status=200, headers=self.headers)
         await self.resp.prepare(self.request)
+        self._sender = _FileSender(self.request, self.resp)
 
     async def follow(self, spool: Spool) -> None:
-        assert self.resp is not None and spool.size is not None
-        loop = asyncio.get_running_loop()
-        transport = self.request.transport
-        native = transport is not None and transport.get_extra_info("sslcontext") is None
+        assert self._sender is not None and spool.size is not None
+        sender = self._sender
         with open(spool.path, "rb", buffering=0) as fobj:  # still readable once unlinked
-            while self.sent < spool.size:
-                end = await spool.wait(self.sent)
-                if end <= self.sent:  # complete, yet short: never send a part as the whole
+            while sender.sent < spool.size:
+                end = await spool.wait(sender.sent)
+                if end <= sender.sent:  # complete, yet short: never send a part as the whole
                     raise ConnectionResetError("staging file ended early")
-                transport = self.request.transport
-                if transport is None or transport.is_closing():
-                    raise ConnectionResetError("client went away")
-                if native:
-                    try:
-                        await loop.sendfile(transport, fobj, self.sent, end - self.sent)
-                    except NotImplementedError:  # uvloop, say
-                        native = False
-                    finally:
-                        # asyncio moves the file position past what it sent, even on error
-                        self.sent = max(self.sent, fobj.tell())
-                    continue
-                fobj.seek(self.sent)
-                while self.sent < end:
-                    chunk = await loop.run_in_executor(None, fobj.read, min(end - self.sent, 1 << 20))
-                    if not chunk:
-                        raise ConnectionResetError("staging file shrank during transfer")
-                    await self.resp.write(chunk)
-                    self.sent += len(chunk)
+                await sender.send(fobj, sender.sent, end - sender.sent)
 
 
 class Mirror:
@@ -447,31 +471,12 @@ class Mirror:
         and an S3 store would disagree), serves ``.gz``/``.br`` siblings of the path, and gives
         416 to a multi-range request; here one ``plan()`` decides for every backend."""
         fobj = self.open_file(path)
-        sent = 0
+        sender = _FileSender(request, resp)
         try:
             await resp.prepare(request)
-            transport = request.transport
-            if transport is None:
-                raise ConnectionResetError("connection lost")
-            if length and transport.get_extra_info("sslcontext") is None:
-                try:
-                    await asyncio.get_running_loop().sendfile(transport, fobj, start, length)
-                except NotImplementedError:  # uvloop, say
-                    pass
-                finally:
-                    # asyncio moves the file position past what it sent, even on error
-                    sent = max(0, fobj.tell() - start)
-            if sent < length:  # no sendfile here, or the file ended early
-                fobj.seek(start + sent)
-                loop = asyncio.get_running_loop()
-                while sent < length:
-                    chunk = await loop.run_in_executor(None, fobj.read, min(length - sent, 1 << 20))
-                    if not chunk:
-                        raise ConnectionResetError("file shrank during transfer")
-                    await resp.write(chunk)
-                    sent += len(chunk)
+            await sender.send(fobj, start, length)
             await resp.write_eof()
             return resp
         finally:
-            self._count(request, sent)
+            self._count(request, sender.sent)
             fobj.close()
