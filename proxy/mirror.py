@@ -369,7 +369,7 @@ class Mirror:
         """The stored object after a pull that says it is stored, else None."""
         if pulled.status != "stored":
             return None
-        self.resolver.forget_misses()  # this worker's cached misses may name it
+        self.resolver.stored(cand.hash)
         meta = await self.store.stat(cand.key)
         return None if meta is None else Resolution(cand.key, meta, cand.hash, "upstream")
 
@@ -391,7 +391,7 @@ class Mirror:
                 if sink.resp is not None:
                     self._count(request, sink.sent)
             if pulled.streamed:
-                self.resolver.forget_misses()
+                self.resolver.stored(cand.hash)
                 assert sink.resp is not None
                 await sink.resp.write_eof()
                 return sink.resp

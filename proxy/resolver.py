@@ -99,21 +99,16 @@ class Resolver:
         mappings name the cached misses they touch)."""
         self._next_poll = 0.0
 
-    def stored(self, key: str, name: SstateName | None) -> None:
-        """An object was just stored under ``key`` in this process: forget the answers it can
-        change (the positive ones and the misses of hashes with a class, since its hash may be
-        in their class; of the unknown hashes' misses, only its own hash's)."""
+    def stored(self, hash_: str) -> None:
+        """An object of hash ``hash_`` ("" for a name without one) was just stored in this
+        process (an upload, a pull): forget the answers it can change. The positive ones (a
+        rewrite of that very name is now a hit) and the misses of hashes with a class (the hash
+        may be in it); of the unknown hashes' misses, only its own hash's."""
         self._positive.clear()
         self._negative.clear()
-        if name is not None:
-            self._unknown.pop(name.hash, None)
+        if hash_:
+            self._unknown.pop(hash_, None)
         self._next_poll = 0.0
-
-    def forget_misses(self) -> None:
-        """Forget the cached misses only (an object was pulled into the store: the positive
-        answers stay valid)."""
-        self._negative.clear()
-        self._unknown.clear()
 
     async def _check_generation(self) -> None:
         now = time.monotonic()

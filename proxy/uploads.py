@@ -184,7 +184,7 @@ class Uploads:
         canonical = result.shared_with
         if canonical is not None:
             headers[DEDUP_HEADER] = canonical
-        self.resolver.stored(key, name)
+        self.resolver.stored(name.hash)
         await self.mirror.access.published(key, result.meta.size)
         self.metrics.upload("deduplicated" if canonical else "created")
         log.info("upload %s by %s: %d bytes%s", key, ident.username, result.meta.size,
