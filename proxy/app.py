@@ -35,14 +35,14 @@ from proxy.hashserv.service import HashservService
 from proxy.http_auth import USER_KEY, require
 from proxy.limits import LIMITS, ConnectionLimits
 from proxy.metrics import Metrics
-from proxy.mirror import SENT_KEY, Mirror
+from proxy.mirror import NAME_KEY, SENT_KEY, Mirror
 from proxy.reports import Reporter
 from proxy.resolver import Resolver
 from proxy.retention import Policy, Scheduler, parse_duration
 from proxy.services import SERVICES, Services
 from proxy.stats import PATH as STATS_PATH
 from proxy.stats import StatsEndpoint
-from proxy.traffic import TrafficRecorder
+from proxy.traffic import TrafficRecorder, recipe_of
 from proxy.uploads import Uploads
 from proxy.upstream import KeyLocks, UpstreamMirrors, lock_dir_for
 from proxy.upstream_hashserv import UpstreamHashserv
@@ -288,7 +288,9 @@ async def metrics_middleware(request: web.Request, handler) -> web.StreamRespons
                     if method not in ("GET", "HEAD"):
                         face = "upload"
                     elif source == "miss":
-                        services.traffic.record_miss(request.match_info["tail"])
+                        name = request.get(NAME_KEY)
+                        if name is not None:  # a favicon or a scanner's path is no cache miss
+                            services.traffic.record("miss", 0, recipe_of(name))
                     elif source in TRAFFIC_SOURCES:
                         nbytes = 0 if response is None else body_bytes(request, response)
                         services.traffic.record(source, nbytes)

@@ -28,6 +28,7 @@ log = logging.getLogger("sstate_proxy.mirror")
 SOURCE_HEADER = "X-Sstate-Source"
 SERVED_HASH_HEADER = "X-Sstate-Served-Hash"
 SENT_KEY = "sent"  # request key: body bytes of an object written to the client (access log)
+NAME_KEY = "name"  # request key: the parsed sstate name asked for (None: not an sstate name)
 NO_BODY = frozenset((304, 412, 416))  # finished answers of plan(): headers only
 # Request headers that need the stored object's validators or a range of it: with one of them, an
 # object pulled from upstream is stored first, then answered by plan() like any stored object.
@@ -279,6 +280,7 @@ class Mirror:
     async def get_or_head(self, request: web.Request) -> web.StreamResponse:
         await require(request, self.auth, "@read")
         key, name = self.key_of(request)
+        request[NAME_KEY] = name
         method = request.method
         res, headers, status, start, length = await self.answer(method, request.headers, key, name)
         if res is None:

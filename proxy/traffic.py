@@ -15,7 +15,6 @@ import contextlib
 import logging
 import time
 
-from proxy import names
 from proxy.names import SstateName
 from storage.equivalence import DatabaseUnavailable, EquivalenceDB, TrafficRow
 
@@ -46,7 +45,6 @@ class TrafficRecorder:
         self.flush_s = flush_s
         self.keep_s = keep_s
         self._pending: dict[tuple[int, str, str], list[int]] = {}
-        self._misses: dict[tuple[int, str], int] = {}  # (bucket, path) -> misses
         self._timer: asyncio.TimerHandle | None = None
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
@@ -64,27 +62,6 @@ class TrafficRecorder:
             acc[1] += nbytes
         self._arm()
 
-    def record_miss(self, path: str) -> None:
-        """One object request for ``path`` (the key, relative to the mirror root) answered 404.
-        Its recipe is read from the name when the sums are written, once per distinct path
-        (bitbake asks for a missing object more than once), not on the request path."""
-        key = (int(time.time()) // BUCKET_S * BUCKET_S, path)
-        self._misses[key] = self._misses.get(key, 0) + 1
-        if len(self._misses) >= MAX_PENDING_ROWS:
-            self._fold_misses()  # bounded: parse now rather than hold every distinct path
-        self._arm()
-
-    def _fold_misses(self) -> None:
-        """Pending misses by path -> misses by recipe; a path that is no sstate object name (a
-        favicon, a scanner) is not a cache miss and is dropped."""
-        misses, self._misses = self._misses, {}
-        for (bucket, path), n in misses.items():
-            name = names.parse(path)
-            if name is None:
-                continue
-            acc = self._pending.setdefault((bucket, "miss", recipe_of(name)), [0, 0])
-            acc[0] += n
-
     def _arm(self) -> None:
         if self._timer is None and not self._closed:
             self._timer = asyncio.get_running_loop().call_later(self.flush_s, self._flush_later)
@@ -98,7 +75,6 @@ class TrafficRecorder:
     async def flush(self) -> None:
         """Write the pending sums (one transaction), and prune when due."""
         async with self._lock:
-            self._fold_misses()
             pending, self._pending = self._pending, {}
             if pending:
                 rows = [TrafficRow(b, s, r, n, nb) for (b, s, r), (n, nb) in pending.items()]
