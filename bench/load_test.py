@@ -12,8 +12,8 @@ not as fewer requests). Meanwhile uploaders PUT new objects and OEHASHEQUIV clie
 half WebSocket) report, each at a fixed rate.
 
 The service runs with ``--workers`` workers and its access log on (to a file), as deployed.
-The builders run in ``--procs`` processes of their own (``HeadConnection``: asyncio streams, one
-keep-alive connection per fetcher thread), the uploads and reports (aiohttp) in
+The builders run in ``--procs`` processes of their own (``HeadConnection``: asyncio streams and
+h11, one keep-alive connection per fetcher thread), the uploads and reports (aiohttp) in
 this one; the CPU time of the service and of the load generator are printed, and how late the
 generator sent its requests (if that lag grows, the generator, not the service, is the limit).
 
@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+import h11
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -96,32 +97,49 @@ def ms(x: float) -> str:
 class HeadConnection:
     """One fetcher thread's cached keep-alive connection, sending HEADs one after another.
 
-    Deliberately small (asyncio streams, the answer read up to its blank line: a HEAD answer is
-    a head only): the generator shares the service's CPUs, and aiohttp's client spent more CPU
-    per HEAD than the service did, which made the generator, not the service, set the tail. A
-    builder's own client (wget, urllib) would run on the builder's machine."""
+    Light on purpose: the generator shares the service's CPUs, and aiohttp's client spent more
+    CPU per HEAD than the service did, which made the generator, not the service, set the tail
+    (a builder's own client runs on the builder's machine). asyncio streams carry the bytes and
+    h11 (a sans-I/O HTTP/1.1 library) frames the requests and parses the answers."""
 
     def __init__(self, port: int) -> None:
         self.port = port
+        self.host = f"127.0.0.1:{port}"
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
+        self.http = h11.Connection(h11.CLIENT)
 
     async def head(self, path: str) -> tuple[int, str]:
-        """(status, X-Sstate-Source) of ``HEAD path``; raises OSError/IncompleteReadError."""
+        """(status, X-Sstate-Source) of ``HEAD path``; raises OSError or h11's errors."""
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+            self.http = h11.Connection(h11.CLIENT)
         assert self.reader is not None
         try:
-            self.writer.write(f"HEAD {path} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n\r\n".encode())
-            head = (await self.reader.readuntil(b"\r\n\r\n")).lower()
+            self.writer.write(self.http.send(h11.Request(method="HEAD", target=path, headers=[("Host", self.host)])))
+            self.writer.write(self.http.send(h11.EndOfMessage()))
+            response = None
+            while True:
+                event = self.http.next_event()
+                if event is h11.NEED_DATA:
+                    data = await self.reader.read(65536)
+                    if not data:
+                        raise ConnectionResetError("the server closed the connection")
+                    self.http.receive_data(data)
+                elif isinstance(event, h11.Response):
+                    response = event
+                elif isinstance(event, h11.EndOfMessage):
+                    break
         except BaseException:
             self.close()
             raise
-        if b"\r\nconnection: close" in head:
+        assert response is not None
+        if self.http.our_state is h11.MUST_CLOSE:
             self.close()
-        start = head.find(b"\r\nx-sstate-source:")
-        source = "" if start < 0 else head[start + 18:head.index(b"\r\n", start + 2)].strip().decode()
-        return int(head[9:12]), source
+        else:
+            self.http.start_next_cycle()
+        source = next((v.decode() for k, v in response.headers if k == b"x-sstate-source"), "")
+        return response.status_code, source
 
     def close(self) -> None:
         if self.writer is not None:
@@ -142,7 +160,7 @@ async def _builder(port: int, probes: list[Probe], n_conn: int, rate: float, t_s
         t0 = time.monotonic()
         try:
             status, source = await conn.head(probe.path)
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as e:
+        except (OSError, h11.ProtocolError) as e:
             out.errors[f"{probe.kind}: {type(e).__name__}"] += 1
             return -1
         if record:
