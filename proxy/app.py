@@ -26,9 +26,10 @@ from proxy.dashboard import Dashboard
 from proxy.equiv_api import EquivalenceAPI
 from proxy.errors import (
     MalformedRequestFilter,
-    error_middleware,
+    answer_for,
     new_request_id,
     on_response_prepare,
+    request_id,
     response_for,
 )
 from proxy.hashserv.service import HashservService
@@ -250,52 +251,75 @@ async def _cleanup(app: web.Application) -> None:
             log.exception("error while closing %s", name)
 
 
-# What the metrics middleware counts a route's requests as: object GET/HEAD (or PUT/DELETE, the
+# What the middleware counts a route's requests as: object GET/HEAD (or PUT/DELETE, the
 # "upload" face), /v1/equivalent, a websocket (not timed: its messages are, by the hashserv
 # face), anything else "operations".
 ROUTE_FACES = web.AppKey("route_faces", dict)
 TRAFFIC_SOURCES = frozenset(("hit", "equivalent", "upstream", "miss"))
 
 
-@web.middleware
-async def metrics_middleware(request: web.Request, handler) -> web.StreamResponse:
-    """Counts every HTTP request once it is answered: its latency by face; an object request
-    by method, status and source (and in the traffic history). Outermost, so it sees the
-    status the error middleware chose."""
-    t0 = perf_counter()
-    response: web.StreamResponse | None = None
-    status = 500
-    try:
-        response = await handler(request)
-        status = response.status
-        return response
-    except web.HTTPException as e:
-        status = e.status
-        raise
-    finally:
-        app = request.app
-        face = app[ROUTE_FACES].get(request.match_info.route.handler, "operations")
-        method = request.method
-        if face == "object" and method == "GET" and "Upgrade" in request.headers \
-                and request.headers["Upgrade"].lower() == "websocket":
-            face = "ws"  # OEHASHEQUIV on GET / with Upgrade: websocket
-        if face != "ws":
-            services = app.get(SERVICES)
-            if services is not None:
-                metrics = services.metrics
-                if face == "object":
-                    source = request.get("source", "none")
-                    if method not in ("GET", "HEAD"):
-                        face = "upload"
-                    elif source == "miss":
-                        name = request.get(NAME_KEY)
-                        if name is not None:  # a favicon or a scanner's path is no cache miss
-                            services.traffic.record("miss", 0, recipe_of(name))
-                    elif source in TRAFFIC_SOURCES:
-                        nbytes = 0 if response is None else body_bytes(request, response)
-                        services.traffic.record(source, nbytes)
-                    metrics.object_request(method, status, source)
-                metrics.observe(face, perf_counter() - t0)
+def request_middleware(limits: ConnectionLimits):
+    """The app's one middleware, around every handler (one layer, not one per concern: each
+    layer costs a coroutine per request, a sizeable share of a HEAD's time):
+
+    * the connection limits: 503 while draining; the request head arrived in time, the
+      connection is busy until the handler returns (``ConnectionLimits``);
+    * the errors: the request's id, exceptions -> responses (``proxy.errors.answer_for``);
+    * the metrics, once answered, with the status the errors chose: the latency by face; an
+      object request by method, status and source, and into the traffic history."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler) -> web.StreamResponse:
+        t0 = perf_counter()
+        response: web.StreamResponse | None = None
+        status = 500
+        try:
+            rid = request["rid"] = request_id(request)
+            guard = limits.request_started(request)
+            try:
+                response = await handler(request)
+            except Exception as e:
+                response = answer_for(request, rid, e)  # raises an HTTPException again
+            finally:
+                limits.request_finished(guard, response)
+            status = response.status
+            return response
+        except web.HTTPException as e:
+            status = e.status
+            raise
+        finally:
+            _count(request, perf_counter() - t0, status, response)
+
+    return middleware
+
+
+def _count(request: web.Request, seconds: float, status: int, response: web.StreamResponse | None) -> None:
+    """The metrics (and traffic history) of one answered request."""
+    app = request.app
+    services = app.get(SERVICES)
+    if services is None:  # an app without the service's parts (tests of one piece)
+        return
+    face = app[ROUTE_FACES].get(request.match_info.route.handler, "operations")
+    method = request.method
+    if face == "object" and method == "GET" and "Upgrade" in request.headers \
+            and request.headers["Upgrade"].lower() == "websocket":
+        face = "ws"  # OEHASHEQUIV on GET / with Upgrade: websocket
+    if face == "ws":
+        return  # not timed: its messages are, by the hashserv face
+    metrics = services.metrics
+    if face == "object":
+        source = request.get("source", "none")
+        if method not in ("GET", "HEAD"):
+            face = "upload"
+        elif source == "miss":
+            name = request.get(NAME_KEY)
+            if name is not None:  # a favicon or a scanner's path is no cache miss
+                services.traffic.record("miss", 0, recipe_of(name))
+        elif source in TRAFFIC_SOURCES:
+            nbytes = 0 if response is None else body_bytes(request, response)
+            services.traffic.record(source, nbytes)
+        metrics.object_request(method, status, source)
+    metrics.observe(face, seconds)
 
 
 def build_app(cfg: Config, *, skip_listeners: bool = False, hashserv_sock=None,
@@ -308,7 +332,7 @@ def build_app(cfg: Config, *, skip_listeners: bool = False, hashserv_sock=None,
     # listening socket through its protocol_factory (without it the middleware does nothing).
     limits = ConnectionLimits(cfg.limits.max_connections, cfg.limits.header_timeout_s)
     app = web.Application(
-        middlewares=[metrics_middleware, limits.middleware, error_middleware],
+        middlewares=[request_middleware(limits)],
         client_max_size=cfg.limits.max_request_body_bytes,
     )
     app[CONFIG] = cfg

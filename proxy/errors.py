@@ -1,9 +1,10 @@
 """The one place where exceptions become HTTP responses.
 
 Handlers and the parts below them raise: aiohttp's ``web.HTTPException`` for answers they chose
-(404, 401, ...), the storage and report exceptions for what went wrong. ``error_middleware``
-turns the latter into responses with a fixed status per exception class, gives every request an
-id (``X-Request-Id``, taken from the client when it is sane) and logs real faults with it.
+(404, 401, ...), the storage and report exceptions for what went wrong. ``answer_for``, called by
+the app's one middleware (``proxy.app``), turns the latter into responses with a fixed status
+per exception class and logs real faults with the request's id (``request_id``: the client's
+``X-Request-Id`` when it is sane, else a new one).
 """
 
 from __future__ import annotations
@@ -87,42 +88,45 @@ def response_for(e: Exception, rid: str) -> web.Response | None:
     return None
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
+def request_id(request: web.BaseRequest) -> str:
+    """The request's id: the client's ``X-Request-Id`` when it is sane, else a new one."""
     rid = request.headers.get("X-Request-Id", "")
     if not rid or not RID_RE.fullmatch(rid):
         rid = new_request_id()
-    request["rid"] = rid
-    try:
-        return await handler(request)
-    except Exception as e:
-        if request.get("started"):
-            # The head (and maybe part of the body) is out: another response now would be
-            # written into the body, and with the declared Content-Length a client could take
-            # the mix for the object. Cut the connection: the client sees a short body (wget
-            # resumes with Range). The response returned is only for the access log; aiohttp
-            # cannot write it to the closed connection.
-            quiet = isinstance(e, (ConnectionError, web.HTTPException, StoreError))
-            log.warning("response failed after it started rid=%s %s %s: %s", rid, request.method,
-                        request.path, e, exc_info=not quiet)
-            if request.transport is not None:
-                request.transport.abort()
-            status = e.status if isinstance(e, web.HTTPException) else 500
-            return web.Response(status=status)
-        if isinstance(e, web.HTTPException):
-            raise  # an answer a handler chose
-        mapped = response_for(e, rid)
-        if mapped is None:
-            log.exception("internal error rid=%s %s %s", rid, request.method, request.path)
-            return web.Response(status=500, text=f"internal error, request id {rid}\n")
-        if mapped.status >= 500:
-            log.warning("rid=%s %s %s: %s", rid, request.method, request.path, e)
-        return mapped
+    return rid
+
+
+def answer_for(request: web.BaseRequest, rid: str, e: Exception) -> web.StreamResponse:
+    """The response for an exception a handler raised (the app's middleware calls this): an
+    ``HTTPException`` (an answer a handler chose) is raised again for aiohttp to send; ours get
+    their mapped status; anything else is a 500 with the request id, logged."""
+    if request.get("started"):
+        # The head (and maybe part of the body) is out: another response now would be
+        # written into the body, and with the declared Content-Length a client could take
+        # the mix for the object. Cut the connection: the client sees a short body (wget
+        # resumes with Range). The response returned is only for the access log; aiohttp
+        # cannot write it to the closed connection.
+        quiet = isinstance(e, (ConnectionError, web.HTTPException, StoreError))
+        log.warning("response failed after it started rid=%s %s %s: %s", rid, request.method,
+                    request.path, e, exc_info=not quiet)
+        if request.transport is not None:
+            request.transport.abort()
+        status = e.status if isinstance(e, web.HTTPException) else 500
+        return web.Response(status=status)
+    if isinstance(e, web.HTTPException):
+        raise e
+    mapped = response_for(e, rid)
+    if mapped is None:
+        log.error("internal error rid=%s %s %s", rid, request.method, request.path, exc_info=e)
+        return web.Response(status=500, text=f"internal error, request id {rid}\n")
+    if mapped.status >= 500:
+        log.warning("rid=%s %s %s: %s", rid, request.method, request.path, e)
+    return mapped
 
 
 async def on_response_prepare(request: web.Request, response: web.StreamResponse) -> None:
     """aiohttp's signal, sent just before a response head goes out: from here on an exception
-    cannot become an answer of its own (see error_middleware)."""
+    cannot become an answer of its own (see answer_for)."""
     request["started"] = True
     rid = request.get("rid")
     if rid:

@@ -11,9 +11,9 @@ connections: a client could hold any number of connections by sending half a hea
   what a flood of connections can hold), and otherwise hands every event to aiohttp's protocol;
 * a request head must then arrive within ``header_timeout_s``: from the connection's start for
   the first request (the TLS handshake is bounded separately, by ``ssl_handshake_timeout``), and
-  from the first byte of each later one. The guard notes when its head began; ``middleware``
-  clears that when aiohttp hands over a parsed request (it finds the guard by
-  ``request.transport``). One sweep per worker, every quarter of the deadline (at most 1 s)
+  from the first byte of each later one. The guard notes when its head began;
+  ``request_started`` (called by the app's middleware) clears that when aiohttp hands over a
+  parsed request (it finds the guard by ``request.transport``). One sweep per worker, every quarter of the deadline (at most 1 s)
   while connections are open, closes those whose head is overdue: a timer per request would be
   armed and cancelled on every request of a HEAD storm. While a request is being handled (a
   body being uploaded, a websocket) no deadline runs: bodies have their own bound
@@ -174,26 +174,28 @@ class ConnectionLimits:
             return False
         return True
 
-    @web.middleware
-    async def middleware(self, request: web.Request, handler) -> web.StreamResponse:
-        """A parsed request arrived: its head is in time; the connection is busy until the
-        handler returns."""
+    def request_started(self, request: web.BaseRequest) -> _Guard | None:
+        """A parsed request arrived (the app's middleware calls this before its handler): its
+        head is in time, and its connection is busy until ``guard.request_finished()``. Raises
+        503 while draining. None when the connection is not guarded (a test server's) or the
+        client left."""
         if self.draining:
             exc = web.HTTPServiceUnavailable(text="shutting down, retry later\n",
                                              headers={"Retry-After": "1"})
             exc.force_close()
             raise exc
-        guard = self.open.get(request.transport) if request.transport is not None else None
-        if guard is None:  # served by something else (a test server), or the client left
-            return await handler(request)
-        guard.request_started()
-        try:
-            response = await handler(request)
-        finally:
+        transport = request.transport
+        guard = self.open.get(transport) if transport is not None else None
+        if guard is not None:
+            guard.request_started()
+        return guard
+
+    def request_finished(self, guard: _Guard | None, response: web.StreamResponse | None) -> None:
+        """The handler returned ``response`` (or raised: pass None)."""
+        if guard is not None:
             guard.request_finished()
-        if self.draining and not response.prepared:
+        if self.draining and response is not None and not response.prepared:
             response.force_close()  # its client learns at once that the connection ends here
-        return response
 
 
 LIMITS = web.AppKey("limits", ConnectionLimits)

@@ -1,4 +1,5 @@
-"""proxy.errors: the one mapping from exceptions to HTTP answers, on a real loopback socket."""
+"""proxy.errors: the one mapping from exceptions to HTTP answers (through the app's middleware),
+on a real loopback socket."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import socket
 import pytest
 from aiohttp import web
 
-from proxy.errors import error_middleware, on_response_prepare
+from proxy.app import request_middleware
+from proxy.errors import on_response_prepare
+from proxy.limits import ConnectionLimits
 from proxy.reports import ReportError
 from storage import DigestMismatch, InvalidKey, StoreError, StoreUnavailable, TooLarge
 from storage.equivalence import DatabaseUnavailable
@@ -26,7 +29,7 @@ CASES = {
 
 
 def make_app() -> web.Application:
-    app = web.Application(middlewares=[error_middleware])
+    app = web.Application(middlewares=[request_middleware(ConnectionLimits(100, 10.0))])
     app.on_response_prepare.append(on_response_prepare)
 
     async def fail(request: web.Request) -> web.StreamResponse:
