@@ -33,11 +33,12 @@ from proxy.errors import (
     response_for,
 )
 from proxy.hashserv.service import HashservService
-from proxy.http_auth import USER_KEY, require
+from proxy.http_auth import require
 from proxy.limits import LIMITS, ConnectionLimits
 from proxy.metrics import Metrics
-from proxy.mirror import NAME_KEY, SENT_KEY, Mirror
+from proxy.mirror import Mirror
 from proxy.reports import Reporter
+from proxy.request_keys import NAME_KEY, RID_KEY, SENT_KEY, SOURCE_KEY, USER_KEY
 from proxy.resolver import Resolver
 from proxy.retention import Policy, Scheduler, parse_duration
 from proxy.services import SERVICES, Services
@@ -138,8 +139,8 @@ class AccessLogger(AbstractAccessLogger):
         client = shared.client_address(request)
         user = request.get(USER_KEY, "-")
         nbytes = body_bytes(request, response)
-        source = request.get("source", "-")
-        rid = request.get("rid", "-")
+        source = request.get(SOURCE_KEY, "-")
+        rid = request.get(RID_KEY, "-")
         if self.json_format:
             line = json.dumps({
                 "time": stamp, "client": client, "user": user, "method": request.method,
@@ -274,7 +275,7 @@ def request_middleware(limits: ConnectionLimits):
         response: web.StreamResponse | None = None
         status = 500
         try:
-            rid = request["rid"] = request_id(request)
+            rid = request[RID_KEY] = request_id(request)
             guard = limits.request_started(request)
             try:
                 response = await handler(request)
@@ -308,7 +309,7 @@ def _count(request: web.Request, seconds: float, status: int, response: web.Stre
         return  # not timed: its messages are, by the hashserv face
     metrics = services.metrics
     if face == "object":
-        source = request.get("source", "none")
+        source = request.get(SOURCE_KEY, "none")
         if method not in ("GET", "HEAD"):
             face = "upload"
         elif source == "miss":

@@ -19,6 +19,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from proxy.reports import ReportError
+from proxy.request_keys import RID_KEY, STARTED_KEY
 from storage import DigestMismatch, InvalidKey, NoSpace, StoreError, StoreUnavailable, TooLarge
 from storage.equivalence import DatabaseFull, DatabaseUnavailable
 
@@ -100,7 +101,7 @@ def answer_for(request: web.BaseRequest, rid: str, e: Exception) -> web.StreamRe
     """The response for an exception a handler raised (the app's middleware calls this): an
     ``HTTPException`` (an answer a handler chose) is raised again for aiohttp to send; ours get
     their mapped status; anything else is a 500 with the request id, logged."""
-    if request.get("started"):
+    if STARTED_KEY in request:
         # The head (and maybe part of the body) is out: another response now would be
         # written into the body, and with the declared Content-Length a client could take
         # the mix for the object. Cut the connection: the client sees a short body (wget
@@ -127,7 +128,7 @@ def answer_for(request: web.BaseRequest, rid: str, e: Exception) -> web.StreamRe
 async def on_response_prepare(request: web.Request, response: web.StreamResponse) -> None:
     """aiohttp's signal, sent just before a response head goes out: from here on an exception
     cannot become an answer of its own (see answer_for)."""
-    request["started"] = True
-    rid = request.get("rid")
+    request[STARTED_KEY] = True
+    rid = request.get(RID_KEY)
     if rid:
         response.headers["X-Request-Id"] = rid

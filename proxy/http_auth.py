@@ -15,10 +15,9 @@ from collections.abc import Mapping
 from aiohttp import web
 
 from proxy.auth import Auth, Identity
+from proxy.request_keys import IDENTITY_KEY, USER_KEY
 
 CHALLENGE = {"WWW-Authenticate": 'Basic realm="sstate-proxy"'}
-IDENTITY_KEY = "identity"
-USER_KEY = "user"
 
 
 def _unauthorized(reason: str) -> web.HTTPUnauthorized:

@@ -19,6 +19,7 @@ from proxy import names
 from proxy.access import AccessRecorder
 from proxy.http_auth import require
 from proxy.metrics import Metrics
+from proxy.request_keys import NAME_KEY, SENT_KEY, SOURCE_KEY
 from proxy.resolver import Candidate, Resolution, Resolver
 from proxy.upstream import Pulled, Spool, UpstreamMirrors
 from storage import Body, ByteStream, LocalFile, Meta, ObjectStore, RedirectURL
@@ -27,8 +28,6 @@ log = logging.getLogger("sstate_proxy.mirror")
 
 SOURCE_HEADER = "X-Sstate-Source"
 SERVED_HASH_HEADER = "X-Sstate-Served-Hash"
-SENT_KEY = "sent"  # request key: body bytes of an object written to the client (access log)
-NAME_KEY = "name"  # request key: the parsed sstate name asked for (None: not an sstate name)
 NO_BODY = frozenset((304, 412, 416))  # finished answers of plan(): headers only
 # Request headers that need the stored object's validators or a range of it: with one of them, an
 # object pulled from upstream is stored first, then answered by plan() like any stored object.
@@ -284,11 +283,11 @@ class Mirror:
         method = request.method
         res, headers, status, start, length = await self.answer(method, request.headers, key, name)
         if res is None:
-            request["source"] = "miss"
+            request[SOURCE_KEY] = "miss"
             # returned, not raised: most of a fleet's HEADs are misses, and an exception through
             # the middlewares costs more than the rest of the miss
             return web.Response(status=404, text=NOT_FOUND_TEXT)
-        request["source"] = res.source
+        request[SOURCE_KEY] = res.source
         if res.pending and method == "GET":
             return await self._pull_get(request, res, headers, name)
         if status in NO_BODY or method == "HEAD":
@@ -404,7 +403,7 @@ class Mirror:
                 return await self._get(request, stored, web.StreamResponse(status=status, headers=headers),
                                        start, length)
         headers.pop(SERVED_HASH_HEADER, None)
-        request["source"] = "miss"
+        request[SOURCE_KEY] = "miss"
         raise not_found()
 
     # -- a GET's body ------------------------------------------------------------------------

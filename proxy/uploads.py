@@ -28,6 +28,7 @@ from aiohttp import web
 
 from proxy.http_auth import require
 from proxy.limits import BodyStalled, read_chunk, request_timeout
+from proxy.request_keys import SOURCE_KEY
 from storage import DigestMismatch, InvalidKey, ObjectStore, StoreUnavailable, TooLarge
 
 log = logging.getLogger("sstate_proxy.uploads")
@@ -133,7 +134,7 @@ class Uploads:
         ident = await require(request, self.auth, "@upload")
         self._refuse_read_only()
         key, name = self.mirror.key_of(request)
-        request["source"] = "upload"
+        request[SOURCE_KEY] = "upload"
         if name is None:  # names.parse(key) found no sstate object/companion name
             self.metrics.upload("refused")
             raise web.HTTPBadRequest(text="not an sstate object name\n")
@@ -202,7 +203,7 @@ class Uploads:
         ident = await require(request, self.auth, "@db-admin")
         self._refuse_read_only()
         key, _name = self.mirror.key_of(request)
-        request["source"] = "delete"
+        request[SOURCE_KEY] = "delete"
         existed = await self.store.delete(key)
         self.resolver.invalidate()
         if not existed:
