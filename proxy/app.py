@@ -206,7 +206,8 @@ async def _startup(app: web.Application) -> None:
     access.start()
     mirrors = None
     if cfg.upstream.mirrors:
-        pulled = PulledCache(db, store, cfg.upstream.cache_max_bytes)
+        pulled = PulledCache(db, store, cfg.upstream.cache_max_bytes,
+                             on_evicted=metrics.upstream_cache_evicted)
         await pulled.start(housekeeping=options["housekeeping"])
         mirrors = UpstreamMirrors(cfg.upstream, store, pulled, KeyLocks(lock_dir_for(cfg)), metrics)
         if upstream is not None:

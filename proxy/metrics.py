@@ -71,6 +71,12 @@ class Metrics:
         self.upstream_fetches = Counter(
             "sstate_proxy_upstream_fetches", "Objects asked of the upstream mirrors, by result "
             "(fetched, missing, error)", ["result"], registry=reg)
+        self.upstream_evicted_objects = Counter(
+            "sstate_proxy_upstream_cache_evicted_objects", "Pulled objects evicted to keep "
+            "[upstream] cache_max_bytes (least recently used first)", registry=reg)
+        self.upstream_evicted_bytes = Counter(
+            "sstate_proxy_upstream_cache_evicted_bytes", "Bytes of the pulled objects evicted to "
+            "keep [upstream] cache_max_bytes", registry=reg)
         self.gc_objects = Counter(
             "sstate_proxy_gc_removed_objects", "Objects removed by retention (gc)", registry=reg)
         self.gc_bytes = Counter(
@@ -126,6 +132,13 @@ class Metrics:
     def upstream_fetch(self, result: str) -> None:
         """One object asked of the upstream mirrors: ``fetched``, ``missing`` or ``error``."""
         self.upstream_fetches.labels(result).inc()
+
+    def upstream_cache_evicted(self, objects: int, nbytes: int) -> None:
+        """The bound of pulled objects evicted ``objects`` objects holding ``nbytes`` bytes."""
+        if objects:
+            self.upstream_evicted_objects.inc(objects)
+        if nbytes:
+            self.upstream_evicted_bytes.inc(nbytes)
 
     def gc_removed(self, objects: int, nbytes: int) -> None:
         """Retention removed ``objects`` objects holding ``nbytes`` bytes."""

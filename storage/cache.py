@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 
 from storage import ObjectStore, StoreError
 from storage.equivalence import EquivalenceDB
@@ -27,10 +28,12 @@ EVICT_BATCH = 256  # catalog rows read per round of eviction
 class PulledCache:
     """Records pulled objects and keeps their total within ``max_bytes`` (0: no bound)."""
 
-    def __init__(self, db: EquivalenceDB, store: ObjectStore, max_bytes: int) -> None:
+    def __init__(self, db: EquivalenceDB, store: ObjectStore, max_bytes: int, *,
+                 on_evicted: Callable[[int, int], None] | None = None) -> None:
         self.db = db
         self.store = store
         self.max_bytes = max_bytes
+        self.on_evicted = on_evicted  # (objects, bytes) of each round of eviction (the metrics)
         self._task: asyncio.Task[int] | None = None
         self._again = False
 
@@ -75,11 +78,11 @@ class PulledCache:
             excess = used - self.max_bytes
             if excess <= 0:
                 return removed
-            victims: list[str] = []
+            victims: dict[str, int] = {}
             for row in await self.db.lru_objects(ORIGIN, EVICT_BATCH):
                 if excess <= 0:
                     break
-                victims.append(row.key)
+                victims[row.key] = row.size
                 excess -= row.size
             if not victims:
                 return removed
@@ -95,6 +98,8 @@ class PulledCache:
                 return removed
             await self.db.forget_objects(gone)
             removed += len(gone)
+            if self.on_evicted is not None:
+                self.on_evicted(len(gone), sum(victims[key] for key in gone))
             log.info("upstream cache: evicted %d pulled object(s) (bound %d bytes)", len(gone), self.max_bytes)
 
     async def close(self) -> None:

@@ -37,7 +37,8 @@ async def stored(store: LocalStore) -> set[str]:
 
 async def test_least_recently_used_pulled_objects_go_first_published_never(parts):
     db, store = parts
-    cache = PulledCache(db, store, max_bytes=250)
+    evicted: list[tuple[int, int]] = []
+    cache = PulledCache(db, store, max_bytes=250, on_evicted=lambda n, b: evicted.append((n, b)))
     await store.put(k(0), chunks(b"p" * 1000))
     await db.record_object(k(0), 1000, "local", 1.0)  # published, oldest of all, larger than the bound
     for n in range(1, 4):
@@ -47,7 +48,9 @@ async def test_least_recently_used_pulled_objects_go_first_published_never(parts
     assert await cache.enforce() == 1
     assert await stored(store) == {k(0), k(1), k(3)}  # k(2), the least recently used, went
     assert await db.object_usage("upstream") == (2, 200)
+    assert evicted == [(1, 100)]  # told (the metrics count it)
     assert await cache.enforce() == 0  # within the bound: nothing more
+    assert evicted == [(1, 100)]
 
 
 async def test_added_records_and_keeps_the_bound_in_the_background(parts):
