@@ -12,14 +12,18 @@ One run does everything on loopback:
    mapping reported through ``POST /v1/equivalent``), and GET MB/s of every big object
    (``wrk -t2 -c4 -d10s``) on both, in interleaved rounds (nginx, proxy, nginx, ...);
 4. optionally (``--no-log``) the proxy's HEAD rates again with ``[server] access_log = false``;
-5. optionally (``--profile``) samples a proxy worker with py-spy during a HEAD run (direct and
+5. optionally (``--aiohttp-floor``) the HEAD rate of a bare aiohttp application on the same
+   object (bench/aiohttp_floor.py: one handler, fixed headers, no stat, middleware or log), in
+   the same rounds: the ceiling of the framework itself on this machine;
+6. optionally (``--profile``) samples a proxy worker with py-spy during a HEAD run (direct and
    rewritten) and prints where the time goes (self and inclusive %, by function);
-6. prints a table with the median of the rounds, the ratios (proxy/nginx; rewritten/direct
+7. prints a table with the median of the rounds, the ratios (proxy/nginx; rewritten/direct
    hit) against issue 12's targets, the exact commands and the machine; stops everything it
    started. Exit status 1 if a target is missed or a check failed.
 
     PYTHON=python bench/serve_bench.sh [--workers 1,2] [--objects 3000] [--requests 50000]
-                                       [--duration 10] [--repeat 3] [--no-log] [--profile]
+                                       [--duration 10] [--repeat 3] [--no-log] [--aiohttp-floor]
+                                       [--profile]
                                        [--keep] [--markdown FILE]
 
 Needs nginx, ab (apache2-utils), wrk, curl on PATH (bench/serve_bench.sh installs them on
@@ -213,6 +217,16 @@ def start_nginx(d: Path, root: Path, workers: int) -> tuple[subprocess.Popen, in
     return proc, port, conf
 
 
+def start_floor(d: Path, obj: Path, workers: int) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    cmd = [sys.executable, str(REPO / "bench" / "aiohttp_floor.py"), "--port", str(port),
+           "--workers", str(workers), str(obj)]
+    note(shlex.join(cmd))
+    proc = subprocess.Popen(cmd, cwd=d, stdout=subprocess.DEVNULL, stderr=open(d / "floor.log", "ab"),
+                            start_new_session=True)
+    return proc, port
+
+
 def start_proxy(d: Path, root: Path, workers: int, access_log: bool) -> tuple[subprocess.Popen, int, Path]:
     port = free_port()
     tag = f"w{workers}{'' if access_log else '-nolog'}"
@@ -368,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=3,
                     help="interleaved rounds per measurement (nginx, proxy, nginx, ...); the median is kept")
     ap.add_argument("--no-log", action="store_true", help="also measure proxy HEAD with access_log = false")
+    ap.add_argument("--aiohttp-floor", action="store_true",
+                    help="also measure HEAD on a bare aiohttp app (bench/aiohttp_floor.py)")
     ap.add_argument("--profile", action="store_true", help="py-spy a 1-worker proxy during HEAD runs")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir")
     ap.add_argument("--markdown", type=Path, help="also write the table + commands here (markdown)")
@@ -417,6 +433,10 @@ def main(argv: list[str] | None = None) -> int:
             procs.append(ng)
             px, px_port, px_log = start_proxy(d, root, w, access_log=True)
             procs.append(px)
+            fl = None
+            if a.aiohttp_floor:
+                fl, fl_port = start_floor(d, root / typical, w)
+                procs.append(fl)
             nl = None
             if a.no_log:
                 nl, nl_port, _ = start_proxy(d, root, w, access_log=False)
@@ -428,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
                 wait_http(f"{base}/healthz", proc=px)
                 if nl is not None:
                     wait_http(f"http://127.0.0.1:{nl_port}/healthz", proc=nl)
+                if fl is not None:
+                    wait_http(f"http://127.0.0.1:{fl_port}/", proc=fl)
                 st, _ = curl_head(ngb + url_path(typical))
                 assert st == 200, f"nginx HEAD {st}"
                 answer = report_equivalence(px_port, detail)
@@ -460,6 +482,9 @@ def main(argv: list[str] | None = None) -> int:
                     measure("proxy HEAD hit", ab_head, base + url_path(typical), a.requests)
                     if not rew_problem:
                         measure("proxy HEAD rewritten", ab_head, base + url_path(detail.taskhash_key), a.requests)
+                    if fl is not None:
+                        measure("aiohttp floor HEAD", ab_head, f"http://127.0.0.1:{fl_port}{url_path(typical)}",
+                                a.requests)
                     if nl is not None:
                         nlb = f"http://127.0.0.1:{nl_port}"
                         measure("proxy-nolog HEAD hit", ab_head, nlb + url_path(typical), a.requests)
@@ -473,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
                 lines = sum(1 for line in open(px_log, errors="replace") if re.search(r" (GET|HEAD) /", line))
                 log(f"proxy access log: {lines} GET/HEAD lines")
             finally:
-                for p in (ng, px, nl):
+                for p in (ng, px, nl, fl):
                     stop(p)
 
             def med(label: str, runs=runs) -> float:
@@ -492,6 +517,10 @@ def main(argv: list[str] | None = None) -> int:
                 extra["failed"] = rew_problem
             rows.append(Row(f"HEAD rewritten, workers={w}", med("proxy HEAD rewritten"), med("proxy HEAD hit"),
                             "req/s", TARGET_REWRITE, ratio_of="proxy HEAD hit", extra=extra))
+            if fl is not None:
+                rows.append(Row(f"HEAD, bare aiohttp app, workers={w}", med("aiohttp floor HEAD"),
+                                med("nginx HEAD"), "req/s", TARGET_HEAD,
+                                extra={"info": True, **all_runs("aiohttp floor HEAD", "nginx HEAD")}))
             if nl is not None:
                 rows.append(Row(f"HEAD hit, no access log, workers={w}", med("proxy-nolog HEAD hit"),
                                 med("nginx HEAD"), "req/s", TARGET_HEAD,
