@@ -13,9 +13,9 @@ connections: a client could hold any number of connections by sending half a hea
   the first request (the TLS handshake is bounded separately, by ``ssl_handshake_timeout``), and
   from the first byte of each later one. The guard notes when its head began;
   ``request_started`` (called by the app's middleware) clears that when aiohttp hands over a
-  parsed request (it finds the guard by ``request.transport``). One sweep per worker, every quarter of the deadline (at most 1 s)
-  while connections are open, closes those whose head is overdue: a timer per request would be
-  armed and cancelled on every request of a HEAD storm. While a request is being handled (a
+  parsed request (it finds the guard by ``request.transport``). One sweep per worker, every
+  quarter of the deadline (at most 1 s) while connections are open, closes those whose head is
+  overdue: a timer per request would be armed and cancelled on every request of a HEAD storm. While a request is being handled (a
   body being uploaded, a websocket) no deadline runs: bodies have their own bound
   (``read_chunk``), websockets none.
 * ``drain`` (SIGTERM, after the listener stopped accepting) waits until no request is in the
