@@ -21,8 +21,6 @@ import threading
 import time
 from dataclasses import replace
 
-from aiohttp import web
-
 from proxy import config as config_mod
 from proxy.config import Config, ConfigError
 
@@ -199,6 +197,8 @@ FINISH_WRITE_S = 1.0
 
 async def run_worker(cfg: Config, worker: int, sock: socket.socket,
                      hashserv_sock: socket.socket | None = None) -> None:
+    from aiohttp import web
+
     from proxy.app import access_logger_class, build_app
     from proxy.limits import LIMITS
     from proxy.services import SERVICES

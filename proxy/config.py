@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from proxy.auth import parse_anon_perms
-from storage.s3 import S3Config  # each backend owns its config type
+from storage.s3_config import S3Config  # each backend owns its config type (beside it, without boto3)
 
 
 class ConfigError(ValueError):

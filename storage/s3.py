@@ -51,7 +51,6 @@ import struct
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -81,28 +80,11 @@ from storage import (
     pid_alive,
 )
 from storage.local import check_key
+from storage.s3_config import S3Config
 
 if TYPE_CHECKING:
     from storage.equivalence import EquivalenceDB
 
-
-@dataclass(frozen=True)
-class S3Config:
-    """``[storage.s3]``: the S3 backend's settings."""
-
-    bucket: str = ""
-    prefix: str = ""
-    region: str = ""
-    endpoint_url: str = ""
-    redirect_get: bool = False
-    presign_ttl_s: int = 300
-    max_connections: int = 32
-    timeout_s: float = 10.0
-    index: bool = True
-    index_refresh_s: int = 300
-    # Trust a complete index for misses too (no S3 HEAD per miss): only when this service is
-    # the bucket's only writer.
-    only_writer: bool = False
 
 log = logging.getLogger(__name__)
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -123,3 +125,14 @@ def test_no_identity_process_outlives_its_worker(tmp_path: Path):
         everything = descendants(svc.proc.pid)
         assert len(everything) > 2  # the workers and at least one identity process
     assert not gone_within(everything, 15.0), "a stopped service left processes behind"
+
+
+def test_a_pool_child_imports_no_boto3_or_aiohttp():
+    """A ``spawn`` child imports the parent's main module (``proxy.cli``) again before its first
+    identity: that module and the config it reads leave aiohttp and boto3 to the commands that
+    use them, so each worker's child starts in a fraction of a second, not half of one."""
+    code = ("import sys, proxy.cli, storage.archive_identity, storage.identity_pool\n"
+            "print(sorted(m for m in ('aiohttp', 'boto3', 'botocore') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         cwd=Path(__file__).resolve().parents[1], check=True)
+    assert out.stdout.strip() == "[]"
