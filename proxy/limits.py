@@ -15,9 +15,9 @@ connections: a client could hold any number of connections by sending half a hea
   ``request_started`` (called by the app's middleware) clears that when aiohttp hands over a
   parsed request (it finds the guard by ``request.transport``). One sweep per worker, every
   quarter of the deadline (at most 1 s) while connections are open, closes those whose head is
-  overdue: a timer per request would be armed and cancelled on every request of a HEAD storm. While a request is being handled (a
-  body being uploaded, a websocket) no deadline runs: bodies have their own bound
-  (``read_chunk``), websockets none.
+  overdue: a timer per request would be armed and cancelled on every request of a HEAD storm.
+  While a request is being handled (a body being uploaded, a websocket) no deadline runs:
+  bodies have their own bound (``read_chunk``), websockets none.
 * ``drain`` (SIGTERM, after the listener stopped accepting) waits until no request is in the
   handlers, at most the grace period. Requests in flight go on receiving their bodies and
   sending their answers; a request that starts during the drain is answered 503 with
@@ -176,7 +176,7 @@ class ConnectionLimits:
 
     def request_started(self, request: web.BaseRequest) -> _Guard | None:
         """A parsed request arrived (the app's middleware calls this before its handler): its
-        head is in time, and its connection is busy until ``guard.request_finished()``. Raises
+        head is in time, and its connection is busy until ``request_finished``. Raises
         503 while draining. None when the connection is not guarded (a test server's) or the
         client left."""
         if self.draining:
