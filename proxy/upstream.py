@@ -507,6 +507,7 @@ class UpstreamMirrors:
         pull does not wait for its client); a chunked answer has no length to promise the
         client up front, so it is stored first and then served from the store."""
         base = self.mirrors[i].base
+        asked = time.time()  # the object's last access in the catalog (before the client's head)
         size = r.content_length
         spool = Spool(self.store.staging_path(), size)
         client: asyncio.Task[None] | None = None
@@ -543,7 +544,7 @@ class UpstreamMirrors:
             return Pulled("error", streamed=client is not None), client
         finally:
             _unlink(spool.path)
-        await self._stored(key, result)
+        await self._stored(key, result, asked)
         return Pulled("stored", streamed=client is not None), client
 
     async def _start_client(self, key: str, sink: Sink, spool: Spool) -> asyncio.Task[None] | None:
@@ -594,11 +595,11 @@ class UpstreamMirrors:
             raise DigestMismatch(f"received {received} bytes, announced {spool.size}")
         await loop.run_in_executor(None, os.fsync, fd)  # durable before it is linked as the object
 
-    async def _stored(self, key: str, result: PutResult) -> None:
+    async def _stored(self, key: str, result: PutResult, asked: float) -> None:
         self._found.pop(key, None)
         self._missing.pop(key, None)
         if result.created:  # not when it was there already (published, or another's pull)
             try:
-                await self.cache.added(key, result.meta.size)
+                await self.cache.added(key, result.meta.size, asked)
             except Exception:  # stored and served all the same; only the cache bound misses it
                 log.exception("upstream cache: cannot record pulled object %s", key)

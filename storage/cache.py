@@ -42,9 +42,11 @@ class PulledCache:
         if housekeeping and self.max_bytes:
             self._kick()
 
-    async def added(self, key: str, size: int) -> None:
-        """``key`` (``size`` bytes) was just pulled into the store: record it, keep the bound."""
-        await self.db.record_object(key, size, ORIGIN, time.time())
+    async def added(self, key: str, size: int, asked: float | None = None) -> None:
+        """``key`` (``size`` bytes) was just pulled into the store: record it, keep the bound.
+        ``asked`` (default now) is its last access: when a client asked for it, not when the
+        store finished (a large upload to S3 must not make it newer than objects asked after)."""
+        await self.db.record_object(key, size, ORIGIN, time.time() if asked is None else asked)
         if self.max_bytes:
             self._kick()
 

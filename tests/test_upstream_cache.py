@@ -1,8 +1,11 @@
 """The bound of pulled objects (storage/cache.py) on a real local store and a real database:
-least recently used first, published objects never, an access moving an object to the back."""
+least recently used first, published objects never, an access moving an object to the back;
+a pull (proxy/upstream.py, from a real origin) dated when it was asked."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -78,3 +81,47 @@ async def test_zero_is_no_bound(parts):
     assert await cache.enforce() == 0
     assert len(await stored(store)) == 3
     assert await db.object_usage("upstream") == (3, 300)
+
+
+async def test_asked_is_the_last_access_so_a_slow_store_does_not_reorder(parts):
+    db, store = parts
+    cache = PulledCache(db, store, max_bytes=150)
+    await store.put(k(1), chunks(bytes(100)))
+    await store.put(k(2), chunks(bytes(100)))
+    # k(1) was asked first but its store finished last (a large upload to S3, say)
+    await cache.added(k(2), 100, asked=20.0)
+    await cache.added(k(1), 100, asked=10.0)
+    await cache.close()
+    await cache.enforce()
+    assert await stored(store) == {k(2)}
+
+
+async def test_a_pull_records_when_it_was_asked_not_when_the_store_finished(parts, tmp_path):
+    """The client has its last byte before the store's put ends (it is sent the staging file);
+    its next request must not find the object it asked before counted as the newer one."""
+    from proxy.config import UpstreamConfig
+    from proxy.upstream import KeyLocks, UpstreamMirrors
+    from tests.service import free_port
+    from tests.upstream_origin import Origin
+
+    db, store = parts
+    origin = Origin(tmp_path / "origin", free_port())
+    (origin.root / k(1)).parent.mkdir(parents=True)
+    (origin.root / k(1)).write_bytes(bytes(100))
+    real_put_file = store.put_file
+
+    async def slow_put_file(*args, **kwargs):
+        await asyncio.sleep(0.5)
+        return await real_put_file(*args, **kwargs)
+
+    store.put_file = slow_put_file
+    (tmp_path / "locks").mkdir()
+    mirrors = UpstreamMirrors(UpstreamConfig(mirrors=(origin.url,)), store, PulledCache(db, store, 0),
+                              KeyLocks(str(tmp_path / "locks")))
+    with origin:
+        before = time.time()
+        assert (await mirrors.pull(k(1))).status == "stored"
+        after_put = time.time()
+    await mirrors.close()
+    [row] = await db.lru_objects("upstream", 10)
+    assert row.key == k(1) and before <= row.last_access < after_put - 0.4
