@@ -115,7 +115,7 @@ def test_every_face_counted_across_workers(service_factory):
     latency = {"object": n_objects, "upload": 5, "equivalent": 3, "hashserv": 2 * 3}
 
     answered = []
-    for k in range(12):
+    for k in range(200):  # the kernel hands a shared socket's connections to a worker unevenly when idle
         pid, after = scrape(svc.port, pids)
         answered.append(pid)
         assert not any(name for name, labels in after if any(k_ == "pid" for k_, _ in labels))
