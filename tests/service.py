@@ -83,6 +83,13 @@ class Service:
     def url(self) -> str:
         return f"{self.scheme}://127.0.0.1:{self.port}"
 
+    def metrics(self) -> dict[str, float]:
+        """The unlabelled samples of the service's /metrics: name -> value."""
+        with urllib.request.urlopen(self.url + "/metrics", timeout=10) as r:
+            lines = r.read().decode().splitlines()
+        return {name: float(value) for name, _, value in (line.partition(" ") for line in lines)
+                if name and not name.startswith("#") and "{" not in name}
+
     def start(self, timeout: float = 20.0) -> Service:
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(

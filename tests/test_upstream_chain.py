@@ -37,16 +37,6 @@ def put(svc, key: str, data: bytes) -> int:
     return resp.status
 
 
-def metric(svc, name: str) -> float:
-    """One unlabelled sample of the service's /metrics."""
-    resp, body = call(svc, "GET", "metrics")
-    assert resp.status == 200
-    for line in body.decode().splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"{name} not in /metrics")
-
-
 def wait_for(predicate, what: str, timeout: float = 10.0):
     deadline = time.monotonic() + timeout
     while True:
@@ -171,9 +161,9 @@ def test_cache_bound_on_s3(service_factory, tmp_path, moto):
         wait_for(lambda: bucket() == set(keys[-2:]) | {published}, "eviction on S3")
         evicted = sum(corpus.sizes[k] for k in keys[:3])
         # counted once the catalog forgot them, just after the deletes the bucket shows
-        wait_for(lambda: metric(svc, "sstate_proxy_upstream_cache_evicted_objects_total") == 3.0,
+        wait_for(lambda: svc.metrics()["sstate_proxy_upstream_cache_evicted_objects_total"] == 3.0,
                  "the evictions in /metrics")
-        assert metric(svc, "sstate_proxy_upstream_cache_evicted_bytes_total") == float(evicted)
+        assert svc.metrics()["sstate_proxy_upstream_cache_evicted_bytes_total"] == float(evicted)
         svc.stop()
         origin.stop()
         svc.start()
