@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Callable
 
 from storage import ObjectStore, StoreError
@@ -42,11 +41,11 @@ class PulledCache:
         if housekeeping and self.max_bytes:
             self._kick()
 
-    async def added(self, key: str, size: int, asked: float | None = None) -> None:
+    async def added(self, key: str, size: int, asked: float) -> None:
         """``key`` (``size`` bytes) was just pulled into the store: record it, keep the bound.
-        ``asked`` (default now) is its last access: when a client asked for it, not when the
+        ``asked`` (unix seconds) is its last access: when a client asked for it, not when the
         store finished (a large upload to S3 must not make it newer than objects asked after)."""
-        await self.db.record_object(key, size, ORIGIN, time.time() if asked is None else asked)
+        await self.db.record_object(key, size, ORIGIN, asked)
         if self.max_bytes:
             self._kick()
 

@@ -10,9 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from proxy.config import UpstreamConfig
+from proxy.upstream import KeyLocks, UpstreamMirrors
 from storage.cache import PulledCache
 from storage.equivalence import open_equivalence_db
 from storage.local import LocalStore
+from tests.service import free_port
+from tests.upstream_origin import Origin
 
 K = "ab/cd/sstate:zlib:core2-64-poky-linux:1.3:r0:core2-64:14:{}_populate_sysroot.tar.zst"
 
@@ -61,13 +65,13 @@ async def test_added_records_and_keeps_the_bound_in_the_background(parts):
     cache = PulledCache(db, store, max_bytes=150)
     for n in range(1, 4):
         await store.put(k(n), chunks(bytes(100)))
-        await cache.added(k(n), 100)
+        await cache.added(k(n), 100, time.time())
     await cache.close()  # waits for (or stops) the background run
     await cache.enforce()
     assert await stored(store) == {k(3)}
     # an object larger than the bound is served once but not kept
     await store.put(k(4), chunks(bytes(500)))
-    await cache.added(k(4), 500)
+    await cache.added(k(4), 500, time.time())
     await cache.enforce()
     assert await stored(store) == set()
 
@@ -77,7 +81,7 @@ async def test_zero_is_no_bound(parts):
     cache = PulledCache(db, store, max_bytes=0)
     for n in range(1, 4):
         await store.put(k(n), chunks(bytes(100)))
-        await cache.added(k(n), 100)
+        await cache.added(k(n), 100, time.time())
     assert await cache.enforce() == 0
     assert len(await stored(store)) == 3
     assert await db.object_usage("upstream") == (3, 300)
@@ -89,8 +93,8 @@ async def test_asked_is_the_last_access_so_a_slow_store_does_not_reorder(parts):
     await store.put(k(1), chunks(bytes(100)))
     await store.put(k(2), chunks(bytes(100)))
     # k(1) was asked first but its store finished last (a large upload to S3, say)
-    await cache.added(k(2), 100, asked=20.0)
-    await cache.added(k(1), 100, asked=10.0)
+    await cache.added(k(2), 100, 20.0)
+    await cache.added(k(1), 100, 10.0)
     await cache.close()
     await cache.enforce()
     assert await stored(store) == {k(2)}
@@ -99,11 +103,6 @@ async def test_asked_is_the_last_access_so_a_slow_store_does_not_reorder(parts):
 async def test_a_pull_records_when_it_was_asked_not_when_the_store_finished(parts, tmp_path):
     """The client has its last byte before the store's put ends (it is sent the staging file);
     its next request must not find the object it asked before counted as the newer one."""
-    from proxy.config import UpstreamConfig
-    from proxy.upstream import KeyLocks, UpstreamMirrors
-    from tests.service import free_port
-    from tests.upstream_origin import Origin
-
     db, store = parts
     origin = Origin(tmp_path / "origin", free_port())
     (origin.root / k(1)).parent.mkdir(parents=True)
